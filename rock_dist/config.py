@@ -1,0 +1,318 @@
+"""The one typed configuration of rock_dist: every command-line flag is a dataclass field here.
+
+Entry points (`rock_dist.train`, `evaluate`, `detect`, `shards`, `bench`) call `parse_config(TheConfig, argv)`;
+library code receives the dataclasses, never raw argparse namespaces. Nested dataclasses (e.g. `TrainConfig.model`)
+are flattened into one flag namespace, so a field name must be unique across a top-level config. `--help` is built
+from the field metadata, so it is always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+AUX_TASKS: tuple[str, ...] = ("scene", "depth", "normals")
+BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
+
+
+def opt(help: str, default: Any = dataclasses.MISSING, *, positional: bool = False, cli: bool = True,
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its command-line help. `cli=False` keeps it out of the parser (set from data)."""
+    meta = {"help": help, "positional": positional, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """Architecture and criterion options (SPEC §4–5)."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = opt("Backbone (torchvision ResNet, last stage dilated).",
+                                                                 "resnet50")
+    pretrained: str = opt("Backbone weights: 'imagenet' (torchvision's, needs them cached or network), 'none', "
+                          "or a path to a local state-dict file.", "imagenet")
+    no_rock: bool = opt("Train the baseline SSD without the ROCK auxiliary block.", False)
+    aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
+        "Auxiliary tasks of the ROCK block (any subset of scene depth normals).", AUX_TASKS)
+    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH.", (480, 640))
+    use_all_priors_conf_loss: bool = opt("Confidence loss over all negatives (weighted) instead of 3:1 hard "
+                                         "negative mining.", False)
+    depth_loss: Literal["smoothl1", "berhu"] = opt("Depth loss on log depth: the reference's SmoothL1 or the "
+                                                    "paper's berHu.", "smoothl1")
+    # Filled from the shard manifest, not from flags.
+    num_classes: int = opt("Detection labels including background.", 20, cli=False)
+    num_scenes: int = opt("Scene types.", 27, cli=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Auxiliary tasks actually trained: none for the baseline SSD."""
+        return () if self.no_rock else tuple(t for t in AUX_TASKS if t in self.aux_tasks)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and detection post-processing (SPEC §5, §7)."""
+
+    loc_weight: float = opt("Weight of the SmoothL1 box loss inside the detection loss.", 6.0, cli=False)
+    scene_weight: float = opt("Weight of the scene NLL loss.", 3.0, cli=False)
+    depth_weight: float = opt("Weight of the depth loss.", 3.0, cli=False)
+    normals_weight: float = opt("Weight of the normals loss.", 30.0, cli=False)
+    neg_pos_ratio: int = opt("Hard negatives per positive.", 3, cli=False)
+    score_threshold: float = opt("Minimum class score kept when decoding detections.", 0.05, cli=False)
+    nms_iou: float = opt("Per-class NMS IoU threshold.", 0.3, cli=False)
+    max_detections: int = opt("Detections kept per image.", 100, cli=False)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Where shards are and how batches are made (SPEC §3, §6, §8)."""
+
+    train_path: str = opt("Training shards: a split directory with manifest.json, a brace pattern, 'pipe:' "
+                          "commands, or several sources as SRC[:WEIGHT],SRC[:WEIGHT].", "shards/nyuv2/train")
+    val_path: str = opt("Validation shards (split directory). Empty string disables validation.",
+                        "shards/nyuv2/test")
+    batch_size: int = opt("Images per process per micro-batch (>= 2: BatchNorm needs it).", 8)
+    num_workers: int = opt("Data-loader worker processes per rank (-1: automatic).", -1)
+    force_crops: bool = opt("Always apply the SSD random crop (never the 'no crop' option).", False)
+    shuffle_buffer: int = opt("Sample shuffle buffer per worker.", 256)
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    """All flags of `python -m rock_dist.train` / `accelerate launch -m rock_dist.train`."""
+
+    data: DataConfig = opt("", default_factory=DataConfig)
+    model: ModelConfig = opt("", default_factory=ModelConfig)
+    loss: LossConfig = opt("", default_factory=LossConfig)
+
+    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
+    cpu: bool = opt("Force CPU (same as --device cpu; also makes multi-process launches use gloo).", False)
+    num_iters: int = opt("Optimizer steps at the global batch.", 30000)
+    lr: float = opt("Adam learning rate.", 5e-5)
+    weight_decay: float = opt("Adam weight decay.", 2e-3)
+    scheduler_milestones: tuple[int, ...] = opt("Global iterations at which the LR is multiplied by gamma.",
+                                                (25000,))
+    scheduler_gamma: float = opt("LR decay factor at each milestone.", 0.1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("Autocast precision; 'auto' = bf16 on GPUs "
+                                                                 "that support it, else no.", "auto")
+    gradient_accumulation_steps: int = opt("Micro-batches per optimizer step.", 1)
+    clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0)
+    seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0)
+
+    writer_path: str = opt("TensorBoard log directory (empty disables).", "runs/rock")
+    save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints")
+    checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "")
+    coco_json_save_path: str = opt("Directory for COCO ground-truth/detection JSON of periodic evaluations.",
+                                   "output/coco")
+    save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False)
+    val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0)
+    train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50)
+    image_to_tb_freq: int = opt("Write prediction images to TensorBoard every N iterations (0 disables).", 1000)
+    model_save_freq: int = opt("Save a checkpoint every N iterations (0: only at the end).", 5000)
+    keep_checkpoints: int = opt("How many periodic checkpoints to keep.", 3)
+    no_verbose: bool = opt("Quiet console: no progress bar, only warnings and the final summary.", False)
+
+    channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto")
+    compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto")
+
+
+# ------------------------------------------------------------------------------------------------- evaluate/detect
+@dataclass
+class EvaluateConfig:
+    """Flags of `python -m rock_dist.evaluate`."""
+
+    model_path: str = opt("Checkpoint or final weights file.", positional=True)
+    test_path: str = opt("Test shards (split directory).", "shards/nyuv2/test")
+    no_rock: bool = opt("Expect a baseline SSD checkpoint (checked against the file).", False)
+    aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
+        "Auxiliary tasks of the checkpoint (checked against the file).", AUX_TASKS)
+    coco_json_save_path: str = opt("Directory for ground-truth, detection and metrics JSON.", "output/eval")
+    show_all_cats: bool = opt("Print per-category AP.", False)
+    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
+    batch_size: int = opt("Images per process per batch.", 16)
+    num_workers: int = opt("Data-loader workers per rank (-1: automatic).", -1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("Autocast precision.", "auto")
+    coco_backend: Literal["pycocotools", "faster_coco_eval"] = opt("COCO evaluation implementation.",
+                                                                   "pycocotools")
+    no_verbose: bool = opt("No progress bar.", False)
+
+
+@dataclass
+class DetectConfig:
+    """Flags of `python -m rock_dist.detect`."""
+
+    model_path: str = opt("Checkpoint or final weights file.", positional=True)
+    image_path: str = opt("Directory of input images.", "data/detection/images")
+    detection_output_path: str = opt("Directory for images with drawn boxes.", "data/detection/output")
+    scene_output_path: str = opt("Directory for scene-label pictures (empty: none).", "")
+    depth_output_path: str = opt("Directory for colour-mapped depth pictures (empty: none).", "")
+    normals_output_path: str = opt("Directory for RGB-coded normals pictures (empty: none).", "")
+    conf_threshold: float = opt("Score threshold for drawn detections.", 0.4)
+    no_rock: bool = opt("Expect a baseline SSD checkpoint (checked against the file).", False)
+    aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
+        "Auxiliary tasks of the checkpoint (checked against the file).", AUX_TASKS)
+    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
+    batch_size: int = opt("Images per forward pass.", 8)
+    get_throughput: bool = opt("Measure end-to-end images/s (decode, model, NMS; device-synchronised).", False)
+
+
+# ------------------------------------------------------------------------------------------------------ machinery
+T = TypeVar("T")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _flag_spec(tp: Any, default: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one field type."""
+    tp, optional = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction} if default is True else {"action": "store_true"}
+    if origin is Literal:
+        choices = list(get_args(tp))
+        return {"type": type(choices[0]), "choices": choices}
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            spec = _flag_spec(args[0], None)
+            spec.pop("action", None)
+            return {**spec, "nargs": "*"}
+        return {"type": args[0], "nargs": len(args)}
+    if tp in (int, float, str):
+        return {"type": tp}
+    raise TypeError(f"config field type {tp!r} has no command-line form")
+
+
+def _walk(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(_walk(tp, prefix + (f.name,)))
+        elif f.metadata.get("cli", True):
+            out.append((prefix + (f.name,), f, tp))
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per (nested) field of `cls`."""
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    seen: set[str] = set()
+    for path, f, tp in _walk(cls):
+        name = path[-1]
+        if name in seen:
+            raise TypeError(f"config field name {name!r} appears twice in {cls.__name__}")
+        seen.add(name)
+        default = _default_of(f)
+        spec = _flag_spec(tp, default)
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(name, help=help_text, **{k: v for k, v in spec.items() if k != "action"})
+            continue
+        if default is not dataclasses.MISSING:
+            spec["default"] = list(default) if isinstance(default, tuple) else default
+        else:
+            spec["required"] = True
+        parser.add_argument(f"--{name}", dest=name, help=help_text, **spec)
+    return parser
+
+
+def _build(cls: type[T], values: dict[str, Any]) -> T:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values)
+        elif f.name in values and f.metadata.get("cli", True):
+            value = values[f.name]
+            if get_origin(_unwrap_optional(tp)[0]) is tuple and value is not None:
+                value = tuple(value)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `cls`, validated."""
+    parser = build_parser(cls, description)
+    namespace = parser.parse_args(argv)
+    config = _build(cls, vars(namespace))
+    try:
+        validate(config)
+    except ValueError as err:
+        parser.error(str(err))
+    return config
+
+
+def validate(config: Any) -> None:
+    """Cross-field checks that argparse cannot express; raises ValueError with the flag named."""
+    model = getattr(config, "model", None)
+    if isinstance(model, ModelConfig):
+        h, w = model.image_size
+        if h < 64 or w < 64:
+            raise ValueError(f"--image_size {h} {w}: both sides must be at least 64 pixels")
+        if not model.no_rock and not model.aux_tasks:
+            raise ValueError("--aux_tasks is empty: give at least one task, or use --no_rock for the baseline SSD")
+    data = getattr(config, "data", None)
+    if isinstance(data, DataConfig) and data.batch_size < 2:
+        raise ValueError(f"--batch_size {data.batch_size}: training needs at least 2 images per process "
+                         "(BatchNorm on the 1x1 feature map fails with one)")
+    if isinstance(config, TrainConfig):
+        if config.num_iters < 1:
+            raise ValueError(f"--num_iters {config.num_iters}: must be positive")
+        if config.gradient_accumulation_steps < 1:
+            raise ValueError("--gradient_accumulation_steps must be at least 1")
+        if list(config.scheduler_milestones) != sorted(config.scheduler_milestones):
+            raise ValueError("--scheduler_milestones must be increasing")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-JSON form of a config (for checkpoints and TensorBoard)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Inverse of `to_dict`, tolerant of fields added since the dict was written."""
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp = hints[f.name]
+        value = values[f.name]
+        if dataclasses.is_dataclass(tp):
+            value = from_dict(tp, value)
+        elif get_origin(_unwrap_optional(tp)[0]) is tuple and value is not None:
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+__all__ = [
+    "AUX_TASKS", "BACKBONES", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "EvaluateConfig",
+    "DetectConfig", "build_parser", "parse_config", "validate", "to_dict", "from_dict", "opt",
+]
+

@@ -1,0 +1,66 @@
+"""The typed config is the single source of flags: parsing, validation and round trips."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rock_dist.config import (DetectConfig, EvaluateConfig, TrainConfig, build_parser, from_dict, parse_config,
+                              to_dict)
+
+
+def test_defaults_match_reference_recipe() -> None:
+    config = parse_config(TrainConfig, [])
+    assert config.lr == 5e-5 and config.weight_decay == 2e-3
+    assert config.data.batch_size == 8 and config.num_iters == 30000
+    assert config.scheduler_milestones == (25000,) and config.scheduler_gamma == 0.1
+    assert config.model.image_size == (480, 640) and config.model.backbone == "resnet50"
+    assert config.model.tasks == ("scene", "depth", "normals")
+
+
+def test_nested_fields_are_flat_flags_and_round_trip() -> None:
+    argv = ["--aux_tasks", "depth", "scene", "--image_size", "240", "320", "--no_rock", "--batch_size", "4",
+            "--scheduler_milestones", "10", "20", "--mixed_precision", "bf16"]
+    config = parse_config(TrainConfig, argv)
+    assert config.model.aux_tasks == ("depth", "scene")
+    assert config.model.tasks == ()  # the baseline trains no auxiliary task
+    assert config.model.image_size == (240, 320)
+    assert config.data.batch_size == 4
+    assert from_dict(TrainConfig, to_dict(config)) == config
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "1"], "at least 2 images"),
+    (["--aux_tasks"], "--aux_tasks is empty"),
+    (["--image_size", "32", "640"], "at least 64"),
+    (["--scheduler_milestones", "20", "10"], "increasing"),
+    (["--mixed_precision", "fp8"], "invalid choice"),
+])
+def test_bad_flags_exit_with_one_clear_message(argv: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_config(TrainConfig, argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_field() -> None:
+    text = build_parser(TrainConfig).format_help()
+    for flag in ("--train_path", "--val_path", "--num_iters", "--no_rock", "--aux_tasks", "--writer_path",
+                 "--checkpoint_path", "--gradient_accumulation_steps", "--mixed_precision", "--backbone"):
+        assert flag in text
+
+
+def test_positional_model_path() -> None:
+    assert parse_config(EvaluateConfig, ["m.pt"]).model_path == "m.pt"
+    assert parse_config(DetectConfig, ["w.pt", "--conf_threshold", "0.5"]).conf_threshold == 0.5
+    with pytest.raises(SystemExit):
+        parse_config(EvaluateConfig, [])
+
+
+def test_unknown_flag_fails_in_a_real_process() -> None:
+    result = subprocess.run([sys.executable, "-c", "from rock_dist.config import *; "
+                             "parse_config(TrainConfig, ['--no_such_flag'])"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--no_such_flag" in result.stderr
