@@ -121,6 +121,8 @@ class TrainConfig:
 
     channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto")
     compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto")
+    dist_timeout: int = opt("Seconds a collective may wait for the other ranks before failing (instead of "
+                            "hanging).", 1800)
 
 
 # ------------------------------------------------------------------------------------------------- evaluate/detect
@@ -216,9 +218,9 @@ def _default_of(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per (nested) field of `cls`."""
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     seen: set[str] = set()
     for path, f, tp in _walk(cls):
@@ -255,9 +257,13 @@ def _build(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `cls`, validated."""
-    parser = build_parser(cls, description)
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
+                 prog: str | None = None) -> T:
+    """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `cls`, validated.
+
+    `prog` names the command in usage lines (e.g. "python -m rock_dist.shards build").
+    """
+    parser = build_parser(cls, description, prog)
     namespace = parser.parse_args(argv)
     config = _build(cls, vars(namespace))
     try:
@@ -316,3 +322,73 @@ __all__ = [
     "DetectConfig", "build_parser", "parse_config", "validate", "to_dict", "from_dict", "opt",
 ]
 
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+# Owner: data-official. Flags of `python -m rock_dist.shards build|verify` (SPEC §1, §3).
+@dataclass
+class ShardsBuildConfig:
+    """Flags of `python -m rock_dist.shards build`: official NYUv2 files -> WebDataset shards + manifests."""
+
+    dataset_path: str = opt("nyu_depth_v2_labeled.mat (MATLAB v7.3 / HDF5).")
+    splits_path: str = opt("splits.mat with 1-based trainNdxs/testNdxs (MATLAB v5).")
+    normals_path: str = opt("Normals: the normals_gt folder (with normals/ and masks/) or normals_gt.tgz read in "
+                            "place. Required unless --no_normals.", "")
+    no_normals: bool = opt("Build without normals (the shards then have no normals/mask members).", False)
+    val_split_path: str = opt("Optional val_split.txt: scene names whose training images form the val split.", "")
+    out: str = opt("Output directory; gets train/ and test/ (and val/) split directories.", "shards/nyuv2")
+    dataset_name: str = opt("Dataset name in the manifests and sample-key prefix (letters, digits, '-', '_').",
+                            "nyuv2")
+    samples_per_shard: int = opt("Samples per tar file.", 100)
+    num_workers: int = opt("Worker processes, each opening the .mat itself (-1: one per CPU, at most 8).", -1)
+    image_format: Literal["jpg", "png"] = opt("Encoding of the RGB member (png is lossless, about 3x larger).",
+                                              "jpg")
+    jpeg_quality: int = opt("JPEG quality of rgb.jpg.", 95)
+    overwrite: bool = opt("Replace an output directory that holds a different dataset.", False)
+    no_progress: bool = opt("No progress bar (for logs and CI).", False)
+
+
+@dataclass
+class ShardsVerifyConfig:
+    """Flags of `python -m rock_dist.shards verify`: check shards against their manifests."""
+
+    path: str = opt("A shard output directory (with train/ test/ ...) or one split directory.", positional=True)
+    no_decode: bool = opt("Check counts and checksums only, without decoding every member.", False)
+
+
+__all__ += ["ShardsBuildConfig", "ShardsVerifyConfig"]
+
+
+# ------------------------------------------------------------------------------------------- create_image_folder
+# Owner: evaluation. Flags of `python -m rock_dist.create_image_folder`.
+@dataclass
+class CreateImageFolderConfig:
+    """Flags of `python -m rock_dist.create_image_folder`: export a shard split's RGB images as files."""
+
+    data_path: str = opt("Shard split directory (with manifest.json), e.g. shards/nyuv2/test.",
+                         "shards/nyuv2/test")
+    save_path: str = opt("Directory the images are written to (created if needed).", "data/detection/images")
+
+
+__all__ += ["CreateImageFolderConfig"]
+
+
+# ------------------------------------------------------------------------------------------------------------ rooms
+# Owner: rooms. Flags of `python -m rock_dist.data.rooms` (synthetic rooms in the official NYUv2 layout).
+@dataclass
+class RoomsConfig:
+    """Flags of `python -m rock_dist.data.rooms`: render synthetic rooms as official NYUv2 files."""
+
+    out: str = opt("Output directory (gets nyu_depth_v2_labeled.mat, splits.mat, normals_gt/, val_split.txt).")
+    num_images: int = opt("Number of images.", 200)
+    seed: int = opt("Seed: the same seed and sizes give the same files.", 0)
+    height: int = opt("Image height (NYU: 480).", 480)
+    width: int = opt("Image width (NYU: 640).", 640)
+    images_per_scene: int = opt("Views per scene instance (NYU has about 3).", 3)
+    scene_types: tuple[str, ...] = opt("Scene types to render (empty: all of bedroom bathroom kitchen living_room "
+                                       "office dining_room classroom).", ())
+    normals_as_tgz: bool = opt("Write normals_gt.tgz instead of a normals_gt folder.", False)
+    quiet: bool = opt("No progress line.", False)
+
+
+__all__ += ["RoomsConfig"]

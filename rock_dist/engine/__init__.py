@@ -1,0 +1,1 @@
+"""Training loop, checkpoints, evaluation, console and TensorBoard logging."""

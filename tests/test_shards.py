@@ -1,0 +1,347 @@
+"""The shard builder and verifier: member format, manifests, ground truth round trip, safety, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
+from rock_dist.data.manifest import BUILDER_VERSION, load_manifest
+from rock_dist.data.nyuv2 import NYUv2Official
+from rock_dist.data.synthetic import make_random_dataset
+from rock_dist.errors import ConfigError, DataError
+from rock_dist.shards import main, verify
+
+from conftest import PARTIAL_MISSING_SCENE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples
+
+
+def _split_samples(split_dir: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    for shard in load_manifest(split_dir).shard_paths():
+        out.update(_read_tar(Path(shard)))
+    return out
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rock_dist.shards", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _shard_hashes(out: Path) -> dict[str, list[str]]:
+    return {s: [x.sha256 for x in load_manifest(out / s).shards] for s in ("train", "val", "test")
+            if (out / s).exists()}
+
+
+# ------------------------------------------------------------------------------------------- format round trip
+def test_manifests_describe_the_splits(shard_dir: Path, nyu_files) -> None:
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["test", "train", "val"]
+    for split in ("train", "val", "test"):
+        m = load_manifest(shard_dir / split)
+        expected = sorted(i for i, t in nyu_files.ground_truth.items() if t["split"] == split)
+        assert m.split == split and m.dataset == "nyuv2" and m.builder_version == BUILDER_VERSION
+        assert m.image_ids == expected and m.num_samples == len(expected)
+        assert [s.num_samples for s in m.shards][:-1] == [4] * (len(m.shards) - 1)
+        assert sum(s.num_samples for s in m.shards) == m.num_samples
+        assert m.class_names == list(CLASS_NAMES) and m.scene_types == list(SCENE_TYPES)
+        assert m.image_size == [nyu_files.height, nyu_files.width]
+        assert m.modalities == {"rgb": m.num_samples, "depth": m.num_samples, "normals": m.num_samples,
+                                "scene": m.num_samples}
+        for shard, path in zip(m.shards, m.shard_paths()):
+            data = Path(path).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.bytes
+        mat = nyu_files.paths.dataset_path
+        assert m.sources[mat.name] == {"sha256": hashlib.sha256(mat.read_bytes()).hexdigest(),
+                                       "bytes": mat.stat().st_size, "role": "dataset"}
+        assert {v["role"] for v in m.sources.values()} == {"dataset", "splits", "normals", "val_split"}
+    assert (shard_dir / "train" / "manifest.json").stat().st_mode & 0o044 == 0o044  # readable by others
+    assert not list(shard_dir.parent.glob(".*building*"))
+
+
+def test_samples_round_trip_against_ground_truth(shard_dir: Path, nyu_files) -> None:
+    reader = NYUv2Official(nyu_files.paths.dataset_path, nyu_files.paths.splits_path, nyu_files.paths.normals_path)
+    seen = []
+    for split in ("train", "val", "test"):
+        for key, members in _split_samples(shard_dir / split).items():
+            assert set(members) == {"rgb.jpg", "depth.png", "normals.png", "mask.png", "scene.cls", "json"}
+            meta = json.loads(members["json"])
+            i = meta["image_id"]
+            truth = nyu_files.ground_truth[i]
+            assert key == f"nyuv2_{i:04d}" and truth["split"] == split
+            assert (meta["height"], meta["width"]) == (nyu_files.height, nyu_files.width)
+            assert sorted(map(tuple, (b + [c] for b, c in zip(meta["boxes"], meta["labels"])))) == \
+                sorted(map(tuple, (b + [c] for b, c in zip(truth["boxes"], truth["labels"]))))
+            assert int(members["scene.cls"]) == truth["scene_id"]
+            assert meta["scene_type"] == SCENE_TYPES[truth["scene_id"]] and meta["scene_name"] == truth["scene_name"]
+            depth = np.asarray(Image.open(io.BytesIO(members["depth.png"])))
+            assert depth.dtype == np.uint16
+            np.testing.assert_array_equal(depth, np.rint(reader.read_depth(i) * 1000).astype(np.uint16))
+            assert members["normals.png"] == (nyu_files.paths.normals_path / "normals" / f"{i:04d}.png").read_bytes()
+            mask = np.asarray(Image.open(io.BytesIO(members["mask.png"])))
+            assert set(np.unique(mask).tolist()) <= {0, 255}
+            rgb = np.asarray(Image.open(io.BytesIO(members["rgb.jpg"])), dtype=np.float64)
+            original = reader.read_rgb(i)
+            # JPEG (4:2:0) on per-pixel colour noise: small errors, colours preserved on average.
+            assert np.abs(rgb - original).mean() < 10
+            np.testing.assert_allclose(rgb.mean(axis=(0, 1)), original.mean(axis=(0, 1)), atol=2)
+            seen.append(i)
+    assert sorted(seen) == list(range(nyu_files.n))
+    reader.close()
+
+
+def test_webdataset_groups_members_by_key(shard_dir: Path) -> None:
+    m = load_manifest(shard_dir / "train")
+    samples = list(wds.WebDataset(m.shard_paths(), shardshuffle=False, empty_check=False))
+    assert [int(s["__key__"].split("_")[1]) for s in samples] == m.image_ids
+    assert all({"rgb.jpg", "depth.png", "json", "scene.cls"} <= set(s) for s in samples)
+
+
+def test_png_rgb_is_lossless_and_tgz_normals_give_identical_shards(nyu_files, tmp_path: Path) -> None:
+    out = tmp_path / "png"
+    assert main(nyu_files.build_argv(out, "--image_format", "png", "--samples_per_shard", "50")) == 0
+    reader = NYUv2Official(nyu_files.paths.dataset_path)
+    for members in _split_samples(out / "test").values():
+        i = json.loads(members["json"])["image_id"]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(members["rgb.png"]))), reader.read_rgb(i))
+    reader.close()
+    # The same images with normals_gt.tgz instead of the folder: shards are byte-identical (read in place).
+    paths = make_random_dataset(tmp_path / "tgz", nyu_files.n, 0, nyu_files.height, nyu_files.width,
+                                normals_as_tgz=True)
+    tgz_out = tmp_path / "from_tgz"
+    argv = ["build", "--dataset_path", str(paths.dataset_path), "--splits_path", str(paths.splits_path),
+            "--normals_path", str(paths.normals_path), "--val_split_path", str(paths.val_split_path),
+            "--out", str(tgz_out), "--num_workers", "1", "--no_progress", "--image_format", "png",
+            "--samples_per_shard", "50"]
+    assert main(argv) == 0
+    assert _shard_hashes(tgz_out) == _shard_hashes(out)
+
+
+def test_missing_modalities_are_absent_members(partial_shard_dir: Path, partial_nyu_files) -> None:
+    assert sorted(p.name for p in partial_shard_dir.iterdir()) == ["test", "train"]
+    for split in ("train", "test"):
+        m = load_manifest(partial_shard_dir / split)
+        missing_here = [i for i in m.image_ids if i in PARTIAL_MISSING_SCENE]
+        assert m.dataset == "partial"
+        assert m.modalities == {"rgb": m.num_samples, "depth": m.num_samples, "normals": 0,
+                                "scene": m.num_samples - len(missing_here)}
+        for key, members in _split_samples(partial_shard_dir / split).items():
+            assert key.startswith("partial_")
+            assert "normals.png" not in members and "mask.png" not in members
+            meta = json.loads(members["json"])
+            truth = partial_nyu_files.ground_truth[meta["image_id"]]
+            if meta["image_id"] in PARTIAL_MISSING_SCENE:
+                assert "scene.cls" not in members and meta["scene_type"] is None and truth["scene_id"] is None
+            else:
+                assert int(members["scene.cls"]) == truth["scene_id"]
+    assert sum(load_manifest(partial_shard_dir / s).modalities["scene"] for s in ("train", "test")) == \
+        partial_nyu_files.n - len(PARTIAL_MISSING_SCENE)
+    problems, _ = verify(partial_shard_dir)
+    assert problems == []
+
+
+def test_several_workers_give_identical_shards(nyu_files, shard_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mp"
+    argv = nyu_files.build_argv(out, "--samples_per_shard", "4")
+    argv[argv.index("--num_workers") + 1] = "2"
+    assert main(argv) == 0
+    assert _shard_hashes(out) == _shard_hashes(shard_dir)
+    assert [load_manifest(out / s).image_ids for s in ("train", "val", "test")] == \
+        [load_manifest(shard_dir / s).image_ids for s in ("train", "val", "test")]
+
+
+# ------------------------------------------------------------------------------------------------------ verify
+def test_verify_cli_accepts_good_shards(shard_dir: Path) -> None:
+    result = _cli("verify", str(shard_dir))
+    assert result.returncode == 0, result.stderr
+    assert "train: " in result.stdout and "OK" in result.stdout
+    assert verify(shard_dir / "val") == ([], [f"val: {load_manifest(shard_dir / 'val').num_samples} samples in "
+                                              f"{len(load_manifest(shard_dir / 'val').shards)} shard(s) OK"])
+
+
+def test_verify_reports_each_problem(shard_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(shard_dir, out)
+    train = out / "train"
+    truncated = train / "shard-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    flipped = train / "shard-000001.tar"
+    data = bytearray(flipped.read_bytes())
+    data[1000] ^= 0xFF  # inside the first member's payload: same size, different checksum
+    flipped.write_bytes(bytes(data))
+    (out / "test" / "shard-000001.tar").unlink()
+    shutil.copy(out / "test" / "shard-000000.tar", out / "test" / "shard-000099.tar")
+    problems, _ = verify(out)
+    text = "\n".join(problems)
+    assert "shard-000000.tar: corrupt or truncated tar" in text
+    assert "train/shard-000000.tar: 5000 bytes, manifest says" in text
+    assert "train/shard-000001.tar: sha256" in text
+    assert "test/shard-000001.tar: listed in the manifest but missing" in text
+    assert "test/shard-000099.tar: not listed in" in text
+    result = _cli("verify", str(out))
+    assert result.returncode == 1
+    assert result.stderr.count("problem: ") == len(problems) and "error: " in result.stderr
+
+
+def test_verify_decodes_every_member(shard_dir: Path, tmp_path: Path) -> None:
+    """A shard whose checksum is right but whose members are broken is still caught."""
+    out = tmp_path / "copy"
+    shutil.copytree(shard_dir, out)
+    split = out / "val"
+    manifest = json.loads((split / "manifest.json").read_text())
+    shard = split / manifest["shards"][0]["name"]
+    samples = _read_tar(shard)
+    keys = list(samples)
+    samples[keys[0]]["rgb.jpg"] = samples[keys[0]]["rgb.jpg"][:200]  # truncated JPEG
+    meta = json.loads(samples[keys[-1]]["json"])
+    meta["labels"][0] = 20  # not a class id
+    samples[keys[-1]]["json"] = json.dumps(meta).encode()
+    samples[keys[-1]]["scene.cls"] = b"27"
+    with tarfile.open(shard, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    manifest["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest["shards"][0]["bytes"] = shard.stat().st_size
+    (split / "manifest.json").write_text(json.dumps(manifest))
+    problems, _ = verify(split)
+    text = "\n".join(problems)
+    assert f"{keys[0]}.rgb.jpg: does not decode" in text
+    assert f"{keys[-1]}.json: label 20 is not a class id" in text
+    assert f"{keys[-1]}.scene.cls: '27' is not a scene id" in text
+    assert "sha256" not in text
+    assert verify(split, decode=False)[0] != problems  # counts/checksums alone cannot see it
+
+
+def test_load_manifest_errors(tmp_path: Path, shard_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"nowhere/manifest\.json: shard manifest not found"):
+        load_manifest(tmp_path / "nowhere")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad/manifest\.json: not a readable JSON manifest"):
+        load_manifest(bad)
+    raw = json.loads((shard_dir / "train" / "manifest.json").read_text())
+    raw["num_samples"] += 1
+    (bad / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"num_samples .* disagrees with the shards"):
+        load_manifest(bad)
+
+
+# ------------------------------------------------------------------------------------------ re-runs and safety
+def test_rebuild_replaces_cleanly_and_drops_stale_splits(nyu_files, shard_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(nyu_files.build_argv(out, "--samples_per_shard", "4")) == 0
+    (tmp_path / f".{out.name}.building-999999999").mkdir()  # left by a killed build (no such process)
+    assert main(nyu_files.build_argv(out, "--samples_per_shard", "4")) == 0
+    assert _shard_hashes(out) == _shard_hashes(shard_dir)  # deterministic: same bytes on every build
+    assert not list(tmp_path.glob(f".{out.name}.building-*"))
+    argv = nyu_files.build_argv(out, "--samples_per_shard", "100")
+    del argv[argv.index("--val_split_path"):argv.index("--val_split_path") + 2]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # the old val is not left beside it
+    assert len(load_manifest(out / "train").shards) == 1
+
+
+def test_a_different_dataset_is_refused_unless_overwrite(nyu_files, partial_nyu_files, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(nyu_files.build_argv(out)) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    result = _cli(*partial_nyu_files.build_argv(out))
+    assert result.returncode == 2
+    assert f"error: {out}: already holds a different dataset" in result.stderr and "--overwrite" in result.stderr
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert main(partial_nyu_files.build_argv(out, "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    assert load_manifest(out / "train").sources[partial_nyu_files.paths.dataset_path.name]["sha256"] == \
+        hashlib.sha256(partial_nyu_files.paths.dataset_path.read_bytes()).hexdigest()
+    foreign = tmp_path / "foreign"
+    (foreign / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"foreign/train: exists but has no manifest\.json"):
+        main(nyu_files.build_argv(foreign, "--overwrite"))
+
+
+def test_failed_build_leaves_previous_output_and_no_partial_one(nyu_files, tmp_path: Path) -> None:
+    root = tmp_path / "files"
+    shutil.copytree(nyu_files.paths.dataset_path.parent, root)
+    out = tmp_path / "out"
+    argv = nyu_files.build_argv(out)
+    argv = [a.replace(str(nyu_files.paths.dataset_path.parent), str(root)) for a in argv]
+    assert main(argv) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    last = max(i for i, t in nyu_files.ground_truth.items() if t["split"] == "test")
+    (root / "normals_gt" / "normals" / f"{last:04d}.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match=rf"normals/{last:04d}\.png: not a readable PNG"):
+        main(argv)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DataError):
+        main([a if a != str(out) else str(fresh) for a in argv])
+    assert not fresh.exists()
+    assert not list(tmp_path.glob(".*building*"))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_via_the_cli(nyu_files, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    missing = _cli(*[a if a != str(nyu_files.paths.dataset_path) else str(tmp_path / "absent.mat")
+                     for a in nyu_files.build_argv(out)])
+    assert missing.returncode == 2 and "absent.mat: dataset file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    v5 = _cli(*[a if a != str(nyu_files.paths.dataset_path) else str(nyu_files.paths.splits_path)
+                for a in nyu_files.build_argv(out)])
+    assert v5.returncode == 2 and "splits.mat: is a MATLAB v5 file, not the v7.3" in v5.stderr
+    argv = nyu_files.build_argv(out)
+    i = argv.index("--normals_path")
+    del argv[i:i + 2]
+    no_normals = _cli(*argv)
+    assert no_normals.returncode == 2 and "--normals_path" in no_normals.stderr and "--no_normals" in no_normals.stderr
+    assert not out.exists()
+
+
+def test_bad_inputs_in_process(nyu_files, tmp_path: Path) -> None:
+    import scipy.io
+
+    out = tmp_path / "out"
+    root = tmp_path / "files"
+    shutil.copytree(nyu_files.paths.dataset_path.parent, root)
+    argv = [a.replace(str(nyu_files.paths.dataset_path.parent), str(root)) for a in nyu_files.build_argv(out)]
+    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [99]], np.uint16),
+                                           "testNdxs": np.array([[2]], np.uint16)})
+    with pytest.raises(DataError, match=r"splits\.mat: trainNdxs index 99 is out of range 1\.\.24"):
+        main(argv)
+    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [2]], np.uint16),
+                                           "testNdxs": np.array([[2]], np.uint16)})
+    with pytest.raises(DataError, match=r"splits\.mat: 1 image\(s\) are in both trainNdxs and testNdxs"):
+        main(argv)
+    shutil.copy(nyu_files.paths.splits_path, root / "splits.mat")
+    (root / "normals_gt" / "masks" / "0000.png").unlink()
+    with pytest.raises(DataError, match=r"normals_gt: has 23 masks for 24 images"):
+        main(argv)
+    with pytest.raises(ConfigError, match=r"--samples_per_shard 0"):
+        main(nyu_files.build_argv(out, "--samples_per_shard", "0"))
+    with pytest.raises(ConfigError, match=r"--dataset_name 'a\.b'"):
+        main(nyu_files.build_argv(out, "--dataset_name", "a.b"))
+    assert not out.exists() and not list(tmp_path.glob(".*building*"))
