@@ -1,0 +1,136 @@
+"""`python -m rock_dist.evaluate MODEL_PATH --test_path SPLIT_DIR` — COCO box AP and auxiliary metrics of a model.
+
+Also runs under `accelerate launch -m rock_dist.evaluate ...` (any number of processes, GPUs or CPU with
+`ACCELERATE_USE_CPU=1`): every test image is evaluated exactly once across the processes, COCOeval runs once on the
+main process, and all processes agree on the result (rock_dist.engine.evaluation). The main process prints the 12
+COCO stats, the auxiliary metrics and, with --show_all_cats, per-category AP, and writes ground_truth.json,
+detections.json and metrics.json to --coco_json_save_path.
+
+The model comes from a weights file or a training checkpoint (rock_dist.engine.checkpoint.load_model); the file
+stores its architecture, so --no_rock / --aux_tasks only serve as a check that the file is the expected model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rock_dist.cli import run_cli
+from rock_dist.config import AUX_TASKS, EvaluateConfig, LossConfig, ModelConfig, parse_config
+from rock_dist.errors import ConfigError, DataError
+
+
+def check_model_flags(model_config: ModelConfig, no_rock: bool, aux_tasks: Sequence[str], model_path: str) -> None:
+    """ConfigError when --no_rock / --aux_tasks disagree with the architecture stored in the checkpoint."""
+    stored = tuple(model_config.tasks)
+    if no_rock and stored:
+        raise ConfigError(f"{model_path}: --no_rock was given but the checkpoint is a ROCK model with auxiliary "
+                          f"tasks {' '.join(stored)}; drop --no_rock")
+    if not no_rock and not stored:
+        raise ConfigError(f"{model_path}: the checkpoint is a baseline SSD (trained with --no_rock); pass --no_rock")
+    if not no_rock:
+        requested = tuple(t for t in AUX_TASKS if t in aux_tasks)
+        if set(requested) != set(stored):
+            raise ConfigError(f"{model_path}: --aux_tasks {' '.join(requested) or '(none)'} but the checkpoint was "
+                              f"trained with --aux_tasks {' '.join(stored)}; pass --aux_tasks {' '.join(stored)}")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; ConfigError for an impossible request."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_mixed_precision(choice: str, device: str) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else 'no'; fp16 on the CPU is refused."""
+    if choice == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if choice == "fp16" and device == "cpu":
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
+    return choice
+
+
+def make_accelerator(device: str, mixed_precision: str) -> Any:
+    """An Accelerator for inference; CPU is forced when asked, so a CPU multi-process launch uses gloo (SPEC §8)."""
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(EvaluateConfig, argv, description=__doc__.splitlines()[0])
+    from rich.console import Console
+
+    from rock_dist.data.manifest import load_manifest
+    from rock_dist.data.pipeline import make_eval_loader
+    from rock_dist.engine.checkpoint import load_model
+    from rock_dist.engine.distributed import check_world_size
+    from rock_dist.engine.evaluation import evaluate, metrics_renderables
+    from rock_dist.model.priors import feature_map_sizes
+
+    device = resolve_device(cfg.device)
+    accelerator = make_accelerator(device, resolve_mixed_precision(cfg.mixed_precision, device))
+    check_world_size(accelerator)
+    console = Console(stderr=False, quiet=not accelerator.is_main_process)
+
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch_size {cfg.batch_size}: must be at least 1")
+    manifest = load_manifest(cfg.test_path)
+    model, model_config, meta = load_model(cfg.model_path, accelerator.device)
+    check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
+    class_names = list(manifest.class_names)
+    if len(class_names) != model_config.num_classes - 1:
+        raise DataError(f"{cfg.model_path}: the model predicts {model_config.num_classes - 1} classes but "
+                        f"{manifest.path} lists {len(class_names)}")
+    if meta.get("class_names") and list(meta["class_names"]) != class_names:
+        raise DataError(f"{cfg.model_path}: the model was trained on classes {meta['class_names']} but "
+                        f"{manifest.path} lists {class_names}")
+
+    image_size = tuple(model_config.image_size)
+    target_size = feature_map_sizes(image_size, model_config.backbone)[0]
+    loader = make_eval_loader(cfg.test_path, image_size=image_size, target_size=target_size,
+                              batch_size=cfg.batch_size,
+                              num_workers=cfg.num_workers,  # -1 is resolved by the pipeline
+                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    console.print(f"[bold]Evaluating[/] {cfg.model_path} ({model_config.backbone}, "
+                  f"{'ROCK: ' + ' '.join(model_config.tasks) if model_config.tasks else 'baseline SSD'}, "
+                  f"input {image_size[0]}x{image_size[1]}) on {manifest.num_samples} images of {cfg.test_path} "
+                  f"with {accelerator.num_processes} process(es) on {accelerator.device}")
+
+    progress_bar: Any = None
+    progress_cb: Callable[[int], None] | None = None
+    # Only the main process draws a bar, over its own share (ranks get about equal shares, so it tracks the whole).
+    if not cfg.no_verbose and accelerator.is_main_process and console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress_bar = Progress(TextColumn("evaluating (main process's share)"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=True)
+        task = progress_bar.add_task("eval", total=getattr(loader, "num_samples", None))
+        progress_cb = functools.partial(progress_bar.advance, task)
+
+    with progress_bar if progress_bar is not None else contextlib.nullcontext():
+        metrics = evaluate(model, loader, accelerator, loss_config=LossConfig(), out_dir=cfg.coco_json_save_path,
+                           show_all_cats=cfg.show_all_cats, class_names=class_names, backend=cfg.coco_backend,
+                           progress=progress_cb, expected_images=manifest.num_samples)
+
+    if accelerator.is_main_process:
+        for renderable in metrics_renderables(metrics, class_names):
+            console.print(renderable)
+        console.print(f"AP@[.50:.95] {100 * metrics['AP']:.1f}  AP@.50 {100 * metrics['AP50']:.1f}  "
+                      f"({metrics['seconds']:.1f} s, COCOeval backend {metrics['backend']}); JSON written to "
+                      f"{cfg.coco_json_save_path}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
