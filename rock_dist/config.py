@@ -392,3 +392,29 @@ class RoomsConfig:
 
 
 __all__ += ["RoomsConfig"]
+
+
+# -------------------------------------------------------------------------------------------------- quickstart
+# Owner: lead. Flags of `python -m rock_dist.quickstart` (the README's main command).
+@dataclass
+class QuickstartConfig:
+    """Flags of `python -m rock_dist.quickstart`: synthetic rooms (or real NYUv2) → shards → train → evaluate → detect."""
+
+    workdir: str = opt("Directory for everything the run writes (files, shards, checkpoints, logs, pictures).",
+                       "quickstart")
+    nyuv2_dir: str = opt("Use real NYUv2 from this directory (nyu_depth_v2_labeled.mat, splits.mat, normals_gt/ "
+                         "or normals_gt.tgz, optional val_split.txt) instead of synthetic rooms.", "")
+    num_images: int = opt("Synthetic rooms to render.", 360)
+    render_size: tuple[int, int] = opt("Size of the rendered rooms as HEIGHT WIDTH.", (240, 320))
+    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH.", (192, 256))
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = opt("Backbone of the small configuration.", "resnet18")
+    num_iters: int = opt("Optimizer steps.", 300)
+    batch_size: int = opt("Images per process per step.", 8)
+    lr: float = opt("Adam learning rate (higher than the reference's: no pretrained weights here).", 1e-3)
+    num_processes: int = opt("Training processes (0: one per GPU, or 1 on CPU).", 0)
+    no_rock: bool = opt("Train the baseline SSD instead of ROCK.", False)
+    compare: bool = opt("Train the baseline SSD and ROCK with the same budget and print a comparison table.", False)
+    seed: int = opt("Seed for rendering, shuffling and initialisation.", 0)
+
+
+__all__ += ["QuickstartConfig"]

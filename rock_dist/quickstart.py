@@ -1,0 +1,206 @@
+"""The README's main command: the whole system on an embedded default, in minutes on a laptop CPU.
+
+`python -m rock_dist.quickstart` renders learnable synthetic rooms in the official NYUv2 layout (or takes real
+NYUv2 files with `--nyuv2_dir`), shards them with the real builder, trains a small ROCK configuration through
+`accelerate launch -m rock_dist.train` (CPU or every GPU present), evaluates it with COCO metrics, exports the test
+images and draws detections on them, then prints where everything is. Each step runs the same command a user would
+type, in a subprocess, so the quickstart exercises exactly the public entry points. `--compare` trains the baseline
+SSD and ROCK with the same budget and prints the table the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from rock_dist.cli import run_cli
+from rock_dist.config import QuickstartConfig, parse_config
+from rock_dist.errors import ConfigError, RockError
+
+console = Console(highlight=False)
+
+
+@dataclass
+class OfficialFiles:
+    dataset: Path
+    splits: Path
+    normals: Path
+    val_split: Path | None
+
+
+@dataclass
+class RunOutputs:
+    """Where one trained configuration left its results."""
+
+    name: str
+    weights: Path
+    checkpoints: Path
+    metrics: Path
+    tensorboard: Path
+    train_seconds: float
+
+
+def _run(step: str, args: Sequence[str], env: dict[str, str] | None = None) -> float:
+    """Run one public command, streaming its output; a failure stops the quickstart naming the step."""
+    console.rule(f"[bold]{step}")
+    console.print(f"$ {shlex.join(args)}", style="dim")
+    start = time.perf_counter()
+    result = subprocess.run(list(args), env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise RockError(f"quickstart step '{step}' failed with exit status {result.returncode} "
+                        f"(command: {shlex.join(args)})")
+    return time.perf_counter() - start
+
+
+def _official_files(directory: Path) -> OfficialFiles:
+    """The official NYUv2 files in `directory`; ConfigError listing what is missing."""
+    dataset = directory / "nyu_depth_v2_labeled.mat"
+    splits = directory / "splits.mat"
+    normals = next((p for p in (directory / "normals_gt", directory / "normals_gt.tgz") if p.exists()), None)
+    missing = [str(p) for p in (dataset, splits) if not p.exists()]
+    if normals is None:
+        missing.append(str(directory / "normals_gt") + " (or normals_gt.tgz)")
+    if missing:
+        raise ConfigError(f"--nyuv2_dir {directory}: missing {', '.join(missing)}")
+    val_split = directory / "val_split.txt"
+    return OfficialFiles(dataset, splits, normals, val_split if val_split.exists() else None)
+
+
+def _launcher(num_processes: int) -> list[str]:
+    """`accelerate launch` arguments for this machine: every GPU, or one CPU process."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        if num_processes > 1:
+            # SPEC §8: `--cpu --num_processes N` starts one process; N CPU processes need --multi_gpu + forced CPU.
+            return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes",
+                    str(num_processes), "-m", "rock_dist.train", "--cpu"]
+        return ["accelerate", "launch", "--cpu", "--num_machines", "1", "--num_processes", "1", "-m",
+                "rock_dist.train"]
+    n = num_processes or gpus
+    multi = ["--multi_gpu"] if n > 1 else []
+    return ["accelerate", "launch", *multi, "--num_machines", "1", "--num_processes", str(n), "-m",
+            "rock_dist.train"]
+
+
+def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards: Path, work: Path) -> RunOutputs:
+    run_dir = work / "runs" / name
+    checkpoints = run_dir / "checkpoints"
+    tensorboard = run_dir / "tensorboard"
+    eval_dir = run_dir / "eval"
+    h, w = cfg.image_size
+    model_flags = ["--backbone", cfg.backbone, "--pretrained", "none", "--image_size", str(h), str(w)]
+    if no_rock:
+        model_flags.append("--no_rock")
+    env = {"ACCELERATE_USE_CPU": "1"} if cfg.num_processes > 1 and not _has_cuda() else None
+    seconds = _run(f"train {name}", [
+        *_launcher(cfg.num_processes), "--train_path", str(shards / "train"), "--val_path", str(shards / "val"),
+        *model_flags, "--num_iters", str(cfg.num_iters), "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr),
+        "--scheduler_milestones", str(int(cfg.num_iters * 0.8)), "--seed", str(cfg.seed),
+        "--save_path", str(checkpoints), "--writer_path", str(tensorboard),
+        "--coco_json_save_path", str(run_dir / "val_coco"), "--val_eval_freq", "0",
+        "--model_save_freq", str(max(cfg.num_iters // 2, 1)), "--image_to_tb_freq", str(max(cfg.num_iters // 3, 1)),
+        "--train_eval_freq", "10",
+    ], env)
+    weights = checkpoints / "weights_final.pt"
+    eval_flags = ["--no_rock"] if no_rock else []
+    _run(f"evaluate {name}", [sys.executable, "-m", "rock_dist.evaluate", str(weights), "--test_path",
+                              str(shards / "test"), "--coco_json_save_path", str(eval_dir), *eval_flags])
+    return RunOutputs(name, weights, checkpoints, eval_dir / "metrics.json", tensorboard, seconds)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _metrics(path: Path) -> dict[str, float]:
+    return json.loads(path.read_text())
+
+
+def _comparison_table(runs: Sequence[RunOutputs]) -> Table:
+    table = Table(title="baseline SSD vs ROCK, same budget")
+    for column in ("model", "AP@[.5:.95]", "AP@.5", "scene acc", "depth abs-rel", "normals mean°", "train s"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for run in runs:
+        m = _metrics(run.metrics)
+
+        def fmt(key: str, scale: float = 1.0, digits: int = 1) -> str:
+            value = m.get(key)
+            return "—" if value is None else f"{value * scale:.{digits}f}"
+
+        table.add_row(run.name, fmt("AP", 100), fmt("AP50", 100), fmt("scene_accuracy", 100),
+                      fmt("depth_abs_rel", 1, 3), fmt("normals_mean"), f"{run.train_seconds:.0f}")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(QuickstartConfig, argv, prog="python -m rock_dist.quickstart")
+    work = Path(cfg.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    if cfg.nyuv2_dir:
+        files = _official_files(Path(cfg.nyuv2_dir))
+    else:
+        rooms = work / "rooms"
+        rh, rw = cfg.render_size
+        _run("render synthetic rooms", [sys.executable, "-m", "rock_dist.data.rooms", "--out", str(rooms),
+                                        "--num_images", str(cfg.num_images), "--seed", str(cfg.seed),
+                                        "--height", str(rh), "--width", str(rw)])
+        files = _official_files(rooms)
+
+    shards = work / "shards"
+    build = [sys.executable, "-m", "rock_dist.shards", "build", "--dataset_path", str(files.dataset),
+             "--splits_path", str(files.splits), "--normals_path", str(files.normals), "--out", str(shards),
+             "--samples_per_shard", "32"]
+    if files.val_split is not None:
+        build += ["--val_split_path", str(files.val_split)]
+    _run("build shards", build)
+    if not (shards / "val").exists():
+        raise ConfigError(f"{shards}: no val split was built; give val_split.txt next to the NYUv2 files")
+
+    variants = [("ssd", True), ("rock", False)] if cfg.compare else [("ssd" if cfg.no_rock else "rock", cfg.no_rock)]
+    runs = [_train_and_evaluate(cfg, name, no_rock, shards, work) for name, no_rock in variants]
+    main_run = runs[-1]
+
+    images = work / "test_images"
+    pictures = work / "detections"
+    _run("export test images", [sys.executable, "-m", "rock_dist.create_image_folder", "--data_path",
+                                str(shards / "test"), "--save_path", str(images)])
+    detect = [sys.executable, "-m", "rock_dist.detect", str(main_run.weights), "--image_path", str(images),
+              "--detection_output_path", str(pictures / "boxes")]
+    if main_run.name == "rock":
+        detect += ["--scene_output_path", str(pictures / "scene"), "--depth_output_path", str(pictures / "depth"),
+                   "--normals_output_path", str(pictures / "normals")]
+    else:
+        detect += ["--no_rock"]
+    _run("draw detections", detect)
+
+    console.rule("[bold green]done")
+    if cfg.compare:
+        console.print(_comparison_table(runs))
+    m = _metrics(main_run.metrics)
+    console.print(f"test AP@[.5:.95] {100 * m['AP']:.1f}   AP@.5 {100 * m['AP50']:.1f}   "
+                  f"({m.get('num_images', '?')} images)   total {time.perf_counter() - start:.0f} s")
+    console.print(f"checkpoint   {main_run.weights}  (resumable checkpoints in {main_run.checkpoints})")
+    console.print(f"metrics      {main_run.metrics}")
+    console.print(f"tensorboard  tensorboard --logdir {main_run.tensorboard}")
+    console.print(f"pictures     {pictures}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
