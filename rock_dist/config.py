@@ -80,7 +80,10 @@ class DataConfig:
     batch_size: int = opt("Images per process per micro-batch (>= 2: BatchNorm needs it).", 8)
     num_workers: int = opt("Data-loader worker processes per rank (-1: automatic).", -1)
     force_crops: bool = opt("Always apply the SSD random crop (never the 'no crop' option).", False)
-    shuffle_buffer: int = opt("Sample shuffle buffer per worker.", 256)
+    shuffle_buffer: int = opt("Sample shuffle buffer per worker (raw samples, before decoding).", 256)
+    color_jitter: Literal["device", "cpu", "none"] = opt(
+        "Where the training colour jitter runs: 'device' (parameters drawn by the loader workers, applied batched "
+        "by prepare_batch on the training device), 'cpu' (in the workers) or 'none'.", "device")
 
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -418,3 +421,49 @@ class QuickstartConfig:
 
 
 __all__ += ["QuickstartConfig"]
+
+
+# ------------------------------------------------------------------------------------------------------------ bench
+# Owner: performance. Flags of `python -m rock_dist.bench` (issue 6). 0 / "auto" values are resolved per device and
+# per --quick by the bench itself, which prints and records what it actually ran.
+BENCH_SECTIONS: tuple[str, ...] = ("data", "step", "e2e", "infer", "eval")
+
+
+@dataclass
+class BenchConfig:
+    """Flags of `python -m rock_dist.bench`: reference recipe vs rock_dist's fast path, side by side, one run."""
+
+    sections: tuple[str, ...] = opt("Sections to run, comma- or space-separated: data step e2e infer eval.",
+                                    BENCH_SECTIONS)
+    shards: str = opt("Shard output directory with train/ and test/ (empty: build synthetic shards in a temporary "
+                      "directory first; not timed).", "")
+    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
+    quick: bool = opt("Small and short: resnet18 at 128x160, few repeats (a CPU run takes a few minutes).", False)
+    json: str = opt("Write the full report (device, versions, config, every timing) to this JSON file.", "")
+    backbone: Literal["auto", "resnet18", "resnet34", "resnet50"] = opt(
+        "Backbone ('auto': resnet50, or resnet18 with --quick).", "auto")
+    image_size: tuple[int, int] = opt("Network input HEIGHT WIDTH (0 0: 480 640, or 128 160 with --quick).", (0, 0))
+    batch_size: int = opt("Batch of the fast recipe (0: 32 on CUDA, 8 on CPU). The reference recipe uses 8.", 0)
+    infer_batch_size: int = opt("Batched inference/evaluation batch of the fast recipe (0: the fast batch).", 0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "Autocast precision of the fast recipe ('auto': bf16 where the hardware supports it).", "auto")
+    compile: Literal["auto", "yes", "no"] = opt("torch.compile in the fast recipe ('auto': on CUDA only; on CPU "
+                                                "compiling takes minutes and was measured slower).", "auto")
+    warmup: int = opt("Untimed warm-up iterations per configuration (-1: automatic).", -1)
+    repeats: int = opt("Timed windows per configuration; the median is reported (0: automatic).", 0)
+    iters: int = opt("Iterations per timed window (0: automatic).", 0)
+    data_samples: int = opt("Samples timed per pipeline in the data section (0: automatic).", 0)
+    num_images: int = opt("Images of the synthetic dataset when --shards is empty (0: automatic).", 0)
+    stored_size: tuple[int, int] = opt("HEIGHT WIDTH of the synthetic dataset's stored images (0 0: 480 640, or "
+                                       "96 128 with --quick).", (0, 0))
+    nms_load: Literal["trained", "init"] = opt("Inference: 'trained' zeroes the class-score biases so NMS gets "
+                                               "trained-model-like work; 'init' keeps the random initialisation.",
+                                               "trained")
+    find_max_batch: bool = opt("Also search the largest training batch of the fast recipe that fits in GPU memory "
+                               "(CUDA only).", False)
+    max_batch: int = opt("Upper bound of the largest-batch search.", 512)
+    seed: int = opt("Seed of weights, data and augmentation.", 0)
+    work_dir: str = opt("Directory for temporary files (synthetic shards, pickles); empty: the system temp dir.", "")
+
+
+__all__ += ["BENCH_SECTIONS", "BenchConfig"]

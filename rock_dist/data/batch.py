@@ -1,0 +1,119 @@
+"""The batch format of contract §3: collation of transformed samples and the move to the training device.
+
+`collate` runs inside the loader workers (batching is part of the pipeline, so workers ship whole batches and the
+main process does no per-sample work); `prepare_batch` is called by the trainer, evaluation and benchmarks on every
+batch to move it to the device and normalise the images there (uint8 crosses the host-device link: 4x fewer bytes
+than float32, and the normalisation runs on the accelerator).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import get_worker_info
+
+from rock_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_color_jitter
+
+BATCH_KEYS: tuple[str, ...] = ("images", "boxes", "labels", "scene", "has_scene", "has_depth", "has_normals", "depth",
+                               "normals", "normals_mask", "image_id", "orig_size")
+
+
+def _stack_shared(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, writing straight into shared memory when running in a DataLoader worker.
+
+    A worker's batch is moved to shared memory when it is sent to the main process; stacking into shared memory
+    in the first place (as torch's default_collate does) saves that second copy of the largest tensor.
+    """
+    if get_worker_info() is None:
+        return torch.stack(list(tensors))
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size(),
+                                                  device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(list(tensors), out=out)
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample dicts (from `TrainTransform` / `EvalTransform`) into one batch dict (contract §3).
+
+    Boxes are padded to M = max(1, most boxes in the batch) with label 0; M >= 1 keeps every shape non-empty so
+    that matching code needs no special case for a batch without objects.
+    Shapes: images uint8 B x 3 x H x W, boxes float32 B x M x 4, labels int64 B x M, scene int64 B, has_* bool B,
+    depth float32 B x 1 x h x w, normals float32 B x 3 x h x w, normals_mask bool B x 1 x h x w, image_id int64 B,
+    orig_size int64 B x 2; plus color_jitter float32 B x 8 when the transform deferred the colour jitter to the
+    device (see `rock_dist.data.transforms`), consumed by `prepare_batch`.
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    B = len(samples)
+    M = max(1, max(int(s["labels"].shape[0]) for s in samples))
+    boxes = torch.zeros(B, M, 4, dtype=torch.float32)
+    labels = torch.zeros(B, M, dtype=torch.int64)
+    for i, s in enumerate(samples):
+        n = int(s["labels"].shape[0])
+        if n:
+            boxes[i, :n] = s["boxes"]
+            labels[i, :n] = s["labels"]
+    out = {
+        "images": _stack_shared([s["image"] for s in samples]),
+        "boxes": boxes,
+        "labels": labels,
+        "scene": torch.tensor([int(s["scene"]) for s in samples], dtype=torch.int64),
+        "has_scene": torch.tensor([bool(s["has_scene"]) for s in samples], dtype=torch.bool),
+        "has_depth": torch.tensor([bool(s["has_depth"]) for s in samples], dtype=torch.bool),
+        "has_normals": torch.tensor([bool(s["has_normals"]) for s in samples], dtype=torch.bool),
+        "depth": torch.stack([s["depth"] for s in samples]),
+        "normals": torch.stack([s["normals"] for s in samples]),
+        "normals_mask": torch.stack([s["normals_mask"] for s in samples]),
+        "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
+        "orig_size": torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.int64),
+    }
+    if "color_jitter" in samples[0]:
+        out["color_jitter"] = torch.stack([s["color_jitter"] for s in samples])
+    return out
+
+
+_NORM_CACHE: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std scaled to uint8 pixel units (1 x 3 x 1 x 1), cached per device to avoid re-uploads."""
+    key = (str(device), dtype)
+    if key not in _NORM_CACHE:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).mul(255.0).view(1, 3, 1, 1).to(device)
+        inv_std = torch.tensor(IMAGENET_STD, dtype=dtype).mul(255.0).reciprocal().view(1, 3, 1, 1).to(device)
+        _NORM_CACHE[key] = (mean, inv_std)
+    return _NORM_CACHE[key]
+
+
+def prepare_batch(batch: Mapping[str, Any], device: torch.device | str, *, channels_last: bool = False,
+                  non_blocking: bool = True) -> dict[str, Any]:
+    """Move a batch to `device` and turn `images` (uint8 B x 3 x H x W) into float32 normalised with ImageNet
+    mean/std, on the device. Non-tensor values are passed through; the input dict is not modified.
+
+    A training batch with `color_jitter` (B x 8, deferred by the worker) gets its colour jitter applied here, on the
+    device, before normalisation; the key is removed from the result. Float images are taken as already normalised.
+    `non_blocking` only overlaps the copy when the batch is in pinned memory (the loaders pin on CUDA machines).
+    """
+    device = torch.device(device)
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        out[key] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+    images = out.get("images")
+    jitter = out.pop("color_jitter", None)
+    if images is not None:
+        if jitter is not None and images.dtype == torch.uint8:
+            images = apply_color_jitter(images.to(torch.float32), jitter)  # float in [0, 255], rounded
+            mean, inv_std = _mean_std(device, torch.float32)
+            images = images.sub_(mean).mul_(inv_std)
+        elif images.dtype == torch.uint8:
+            mean, inv_std = _mean_std(device, torch.float32)
+            images = images.to(torch.float32).sub_(mean).mul_(inv_std)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out["images"] = images
+    return out
+
+
+__all__ = ["BATCH_KEYS", "collate", "prepare_batch"]

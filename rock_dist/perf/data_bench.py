@@ -1,0 +1,366 @@
+"""Data-pipeline benchmark: samples/s per worker of our shard reader vs a reference-style pipeline, same run.
+
+Called by `python -m rock_dist.bench` (through `run_data_benchmark`) and on its own:
+
+    python -m rock_dist.perf.data_bench --shards shards/nyuv2/train [--num_samples 200] [--json out.json]
+
+Without --shards, synthetic 480x640 rooms (`rock_dist.data.rooms`) are rendered and sharded into a temporary
+directory first (rendering takes a while; it is not part of the measurement).
+
+Both pipelines run in this process on ONE thread (torch.set_num_threads(1)), which is what one loader worker gets,
+so "samples/s" is per worker = per core. What each measures, per training sample:
+
+- ours: the exact code a loader worker runs (`pipeline._TrainDataset`): tar reading, shuffle buffer, JPEG/PNG
+  decoding, SSD crop, flip, resize, depth/normals targets at the aux size, collation into batches. By default the
+  colour jitter is only drawn in the worker and applied batched on the training device by `prepare_batch`, like
+  prior matching, which runs batched on the device in the criterion; the second row ("jitter in worker") applies
+  the jitter in the worker instead, and the cost of the deferred jitter on this CPU is reported too.
+- reference-style (vita-epfl/rock-pytorch's recipe, re-implemented here): one pickle per image holding raw arrays
+  (as its `prep` writes), PIL images, the same SSD crop, PIL flip/resize, torchvision ColorJitter on PIL, ToTensor +
+  Normalize on the CPU, depth as 8-bit PIL scaled by its maximum, PIL nearest resizes of depth/normals, and
+  per-sample prior matching + box encoding on the CPU (`rock_dist.model.boxes` with the model's 7228 priors), then
+  default collation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from rock_dist.cli import run_cli
+from rock_dist.config import opt, parse_config
+from rock_dist.data.batch import collate, prepare_batch
+from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
+from rock_dist.data.pipeline import _TrainDataset, make_train_loader
+from rock_dist.data.sources import iter_shard, load_sources
+from rock_dist.data.transforms import (BRIGHTNESS, CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, SATURATION,
+                                       DecodedSample, TrainTransform, crop_boxes, decode_sample, flip_boxes,
+                                       sample_ssd_crop)
+from rock_dist.errors import ConfigError
+
+Size = tuple[int, int]
+
+
+@dataclass
+class DataBenchConfig:
+    """Flags of `python -m rock_dist.perf.data_bench`."""
+
+    shards: str = opt("Training shards (split directory or any source string). Empty: render synthetic 480x640 "
+                      "rooms into a temporary directory first.", "")
+    num_samples: int = opt("Samples timed per pipeline (after a warm-up of one batch).", 200)
+    rounds: int = opt("The pipelines are timed alternately in this many chunks (fair under changing load).", 4)
+    batch_size: int = opt("Batch size of both pipelines.", 8)
+    image_size: tuple[int, int] = opt("Network input HEIGHT WIDTH.", (480, 640))
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = opt(
+        "Backbone whose first feature map sets the aux target size.", "resnet50")
+    loader_workers: int = opt("Also time our DataLoader with this many worker processes (0: skip).", 0)
+    seed: int = opt("Seed of both pipelines.", 0)
+    json: str = opt("Write the result JSON here (empty: stdout only).", "")
+
+
+def _target_size(image_size: Size, backbone: str) -> Size:
+    from rock_dist.model.priors import feature_map_sizes  # noqa: PLC0415 - keeps `import data_bench` light
+
+    return tuple(feature_map_sizes(image_size, backbone)[0])  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------- ours
+def _ours_batches(sources: str, image_size: Size, target: Size, batch_size: int, seed: int,
+                  jitter: str) -> Iterator[Any]:
+    """Endless batches from the worker code path, run in this process."""
+    stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
+                               num_workers=0, seed=seed, rank=0, world_size=1, color_jitter=jitter)  # type: ignore
+    return iter(_TrainDataset(stream._plan))
+
+
+def _time_ours_stages(raws: list[dict[str, Any]], image_size: Size, target: Size, seed: int) -> dict[str, float]:
+    """Milliseconds per sample for decoding and for the augmentation alone (same samples)."""
+    start = time.perf_counter()
+    decoded = [decode_sample(r) for r in raws]
+    t_decode = time.perf_counter() - start
+    transform = TrainTransform(image_size, target)
+    start = time.perf_counter()
+    outs = [transform(s, random.Random(seed + i)) for i, s in enumerate(decoded)]
+    t_aug = time.perf_counter() - start
+    # The deferred colour jitter as prepare_batch runs it, here on this CPU core (on a GPU it is ~free).
+    batch = collate(outs)
+    start = time.perf_counter()
+    prepare_batch(batch, "cpu")
+    t_jitter = time.perf_counter() - start
+    return {"decode_ms": 1e3 * t_decode / len(raws), "augment_ms": 1e3 * t_aug / len(raws),
+            "device_jitter_ms_on_cpu": 1e3 * t_jitter / len(raws)}
+
+
+def _time_loader(sources: str, n: int, image_size: Size, target: Size, batch_size: int, seed: int,
+                 workers: int) -> dict[str, Any]:
+    stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
+                               num_workers=workers, seed=seed, rank=0, world_size=1)
+    it = iter(stream)
+    for _ in range(stream.num_workers):  # warm-up: one batch per worker (process start, first decode)
+        next(it)
+    batches = max(1, n // batch_size)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    rate = batches * batch_size / elapsed
+    return {"workers": stream.num_workers, "samples_per_s": rate, "samples_per_s_per_worker": rate / stream.num_workers}
+
+
+# ------------------------------------------------------------------------------------------------ reference-style
+def _write_reference_pickles(raws: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One pickle of raw numpy arrays per image with the keys and dtypes the reference's `prep` writes."""
+    paths = []
+    for i, raw in enumerate(raws):
+        s: DecodedSample = decode_sample(raw)
+        H, W = s.size
+        boxes_px = (s.boxes * torch.tensor([W, H, W, H])).round().int().tolist()
+        record = {
+            "img": s.image.permute(1, 2, 0).numpy().copy(),
+            "depth": (s.depth_mm[0].numpy().astype(np.float32) / 1000.0 if s.depth_mm is not None
+                      else np.ones((H, W), np.float32)),
+            "normals": (s.normals.permute(1, 2, 0).numpy().copy() if s.normals is not None
+                        else np.full((H, W, 3), 128, np.uint8)),
+            "mask": (s.normals_mask[0].numpy().copy() if s.normals_mask is not None else np.zeros((H, W), np.uint8)),
+            "bboxes": [{"box": b, "labels": int(lab)} for b, lab in zip(boxes_px, s.labels.tolist())],
+            "scene_id": max(0, s.scene),
+            # The reference also stores the label and instance maps (its prep makes the latter int64) and the
+            # vocabularies in every pickle; their content does not matter for the cost of loading them.
+            "labels": np.zeros((H, W), np.uint16),
+            "label_instance": np.zeros((H, W), np.int64),
+            "scene_type": "bedroom", "scene": "bedroom_0001",
+            "rock_classes": ["background", *CLASS_NAMES], "unique_scenes": list(SCENE_TYPES),
+        }
+        path = out / f"{i:05d}.pkl"
+        with open(path, "wb") as handle:
+            pickle.dump(record, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        paths.append(path)
+    return paths
+
+
+class _ReferenceStyle:
+    """Per-sample PIL pipeline with CPU prior matching, following the reference's Transformer step by step."""
+
+    def __init__(self, image_size: Size, target: Size, backbone: str) -> None:
+        from rock_dist.model.boxes import encode_boxes, match_priors  # noqa: PLC0415
+        from rock_dist.model.priors import make_priors  # noqa: PLC0415
+
+        self.priors = make_priors(image_size, backbone)
+        self.match, self.encode = match_priors, encode_boxes
+        self.image_trans = T.Compose([T.Resize(image_size), T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE),
+                                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.aux_trans = T.Compose([T.Resize(target, T.InterpolationMode.NEAREST), T.ToTensor()])
+
+    def __call__(self, path: Path, rng: random.Random) -> dict[str, Any]:
+        with open(path, "rb") as handle:
+            d = pickle.load(handle)
+        img = Image.fromarray(d["img"])
+        W, H = img.size
+        boxes = torch.tensor([[b["box"][0] / W, b["box"][1] / H, b["box"][2] / W, b["box"][3] / H]
+                              for b in d["bboxes"]], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([b["labels"] for b in d["bboxes"]], dtype=torch.int64)
+        max_depth = float(d["depth"].max())
+        depth = Image.fromarray(np.uint8(255 * d["depth"] / max_depth), "L")
+        normals, mask = Image.fromarray(d["normals"]), Image.fromarray(d["mask"])
+        scaling = 1.0
+        crop = sample_ssd_crop(boxes, (H, W), rng)
+        if crop is not None:
+            ltrb, keep = crop
+            img, depth, normals, mask = (im.crop(ltrb) for im in (img, depth, normals, mask))
+            boxes, labels = crop_boxes(boxes[keep], ltrb, (H, W)), labels[keep]
+            scaling = W / (ltrb[2] - ltrb[0])
+        flip = rng.random() < 0.5
+        if flip:
+            img, depth, normals, mask = (im.transpose(Image.FLIP_LEFT_RIGHT) for im in (img, depth, normals, mask))
+            boxes = flip_boxes(boxes)
+        image = self.image_trans(img)
+        depth_t = self.aux_trans(depth) / scaling * max_depth
+        n = self.aux_trans(normals) - 0.5
+        if flip:
+            n[0] = -n[0]
+        n = n / n.norm(dim=0).clamp(min=1e-5)
+        if scaling != 1:
+            n[2] *= scaling
+            n = n / n.norm(dim=0).clamp(min=1e-5)
+        m = self.aux_trans(mask).bool()
+        matched = self.match(boxes[None], labels[None], self.priors)
+        loc = self.encode(matched.boxes, self.priors)[0]
+        return {"img": image, "bboxes": loc.t().contiguous(), "labels": matched.labels[0], "depth": depth_t,
+                "normals": n, "normals_mask": m, "scene_id": d["scene_id"]}
+
+
+def _reference_batches(paths: list[Path], image_size: Size, target: Size, backbone: str, batch_size: int,
+                       seed: int) -> Iterator[Any]:
+    """Endless reference-style batches (per-sample pipeline + default collation), in this process."""
+    pipe = _ReferenceStyle(image_size, target, backbone)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # ColorJitter draws from torch's global generator, as in the reference
+    k = 0
+    while True:
+        samples = []
+        for _ in range(batch_size):
+            samples.append(pipe(paths[k % len(paths)], rng))
+            k += 1
+        yield torch.utils.data.default_collate(samples)
+
+
+def _time_interleaved(pipelines: dict[str, Iterator[Any]], batches: int, batch_size: int,
+                      rounds: int) -> dict[str, dict[str, Any]]:
+    """Time each pipeline for `batches` batches, alternating between them in `rounds` chunks.
+
+    Alternating spreads any change in machine load (shared CPUs) evenly over the pipelines being compared.
+    """
+    for it in pipelines.values():
+        next(it)  # warm-up: imports, first allocations, priors
+    elapsed = dict.fromkeys(pipelines, 0.0)
+    done = dict.fromkeys(pipelines, 0)
+    for r in range(rounds):
+        chunk = batches * (r + 1) // rounds - batches * r // rounds
+        for name, it in pipelines.items():
+            start = time.perf_counter()
+            for _ in range(chunk):
+                next(it)
+            elapsed[name] += time.perf_counter() - start
+            done[name] += chunk
+    return {name: {"samples": done[name] * batch_size, "seconds": elapsed[name],
+                   "samples_per_s": done[name] * batch_size / elapsed[name]} for name in pipelines}
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+def _synthetic_shards(out: Path, n: int, seed: int) -> str:
+    from rock_dist.config import ShardsBuildConfig  # noqa: PLC0415
+    from rock_dist.data.rooms import make_rooms_dataset  # noqa: PLC0415
+    from rock_dist.shards import build_shards  # noqa: PLC0415
+
+    paths = make_rooms_dataset(out / "official", n, seed, 480, 640)
+    build_shards(ShardsBuildConfig(dataset_path=str(paths.dataset_path), splits_path=str(paths.splits_path),
+                                   normals_path=str(paths.normals_path or ""), no_normals=paths.normals_path is None,
+                                   out=str(out / "shards"), samples_per_shard=8, num_workers=1, no_progress=True))
+    return str(out / "shards" / "train")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, batch_size: int = 8,
+                       image_size: Sequence[int] = (480, 640), backbone: str = "resnet50", loader_workers: int = 0,
+                       seed: int = 0, rounds: int = 4,
+                       work_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Measure both pipelines on the same samples; returns the result dict (also what the CLI prints as JSON).
+
+    The pipelines are timed alternately in `rounds` chunks of `num_samples / rounds` samples each.
+    Keys: device, cpu, torch_threads, image_size, target_size, num_samples, ours {samples_per_s, decode_ms,
+    augment_ms, device_jitter_ms_on_cpu}, ours_cpu_jitter {samples_per_s}, reference_style {samples_per_s},
+    speedup_per_core, speedup_per_core_cpu_jitter, target_speedup, meets_target, and loader {workers,
+    samples_per_s, samples_per_s_per_worker} when `loader_workers` > 0.
+    """
+    if num_samples < batch_size:
+        raise ConfigError(f"--num_samples {num_samples}: must be at least --batch_size {batch_size}")
+    image_size = (int(image_size[0]), int(image_size[1]))
+    target = _target_size(image_size, backbone)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one loader worker = one core
+    try:
+        with tempfile.TemporaryDirectory(dir=work_dir, prefix="rock_data_bench_") as tmp:
+            tmp_path = Path(tmp)
+            if not shards:
+                shards = _synthetic_shards(tmp_path, max(48, num_samples // 4), seed)
+            sources = load_sources(shards)
+            raws: list[dict[str, Any]] = []
+            for shard in (sh for src in sources for sh in src.shards):
+                raws.extend(iter_shard(shard))
+                if len(raws) >= min(num_samples, 64):
+                    break
+            pickles = _write_reference_pickles(raws, tmp_path)
+            timed = _time_interleaved({
+                "ours": _ours_batches(shards, image_size, target, batch_size, seed, "device"),
+                "ours_cpu_jitter": _ours_batches(shards, image_size, target, batch_size, seed, "cpu"),
+                "reference_style": _reference_batches(pickles, image_size, target, backbone, batch_size, seed),
+            }, max(1, num_samples // batch_size), batch_size, rounds)
+            ours, ours_cpu_jitter, ref = timed["ours"], timed["ours_cpu_jitter"], timed["reference_style"]
+            ours.update(_time_ours_stages(raws, image_size, target, seed))
+            result: dict[str, Any] = {
+                "device": "cpu", "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": 1,
+                "torch": torch.__version__, "shards": shards, "image_size": list(image_size),
+                "target_size": list(target), "batch_size": batch_size, "num_samples": ours["samples"],
+                "stored_image_size": list(decode_sample(raws[0]).size),
+                "ours": ours, "ours_cpu_jitter": ours_cpu_jitter, "reference_style": ref,
+                "speedup_per_core": ours["samples_per_s"] / ref["samples_per_s"],
+                "speedup_per_core_cpu_jitter": ours_cpu_jitter["samples_per_s"] / ref["samples_per_s"],
+                "target_speedup": 3.0,
+            }
+            result["meets_target"] = result["speedup_per_core"] >= result["target_speedup"]
+            if loader_workers > 0:
+                torch.set_num_threads(threads)
+                result["loader"] = _time_loader(shards, num_samples, image_size, target, batch_size, seed,
+                                                loader_workers)
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of a `run_data_benchmark` result."""
+    ours, ref = result["ours"], result["reference_style"]
+    rows = [("pipeline", "samples/s per worker", "ms/sample"),
+            ("rock_dist shard reader (jitter on device)", f"{ours['samples_per_s']:.1f}",
+             f"{1e3 / ours['samples_per_s']:.1f}"),
+            ("rock_dist shard reader (jitter in worker)", f"{result['ours_cpu_jitter']['samples_per_s']:.1f}",
+             f"{1e3 / result['ours_cpu_jitter']['samples_per_s']:.1f}"),
+            ("reference-style (pickle, PIL, CPU matching)", f"{ref['samples_per_s']:.1f}",
+             f"{1e3 / ref['samples_per_s']:.1f}")]
+    if "loader" in result:
+        ld = result["loader"]
+        rows.append((f"rock_dist DataLoader, {ld['workers']} workers (total)", f"{ld['samples_per_s']:.1f}", "-"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    lines.append(f"speed-up per core: {result['speedup_per_core']:.2f}x with the jitter on the device, "
+                 f"{result['speedup_per_core_cpu_jitter']:.2f}x with it in the worker "
+                 f"(target >= {result['target_speedup']:.0f}x)")
+    lines.append(f"ours per sample: decode {ours['decode_ms']:.1f} ms, augment {ours['augment_ms']:.1f} ms; deferred "
+                 f"jitter costs {ours['device_jitter_ms_on_cpu']:.1f} ms/sample when the 'device' is this CPU")
+    lines.append(f"input {result['image_size'][0]}x{result['image_size'][1]} from stored "
+                 f"{result['stored_image_size'][0]}x{result['stored_image_size'][1]}, aux targets "
+                 f"{result['target_size'][0]}x{result['target_size'][1]}, {result['num_samples']} samples, "
+                 f"1 thread, {result['cpu']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(DataBenchConfig, argv)
+    result = run_data_benchmark(cfg.shards or None, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
+                                image_size=cfg.image_size, backbone=cfg.backbone, loader_workers=cfg.loader_workers,
+                                seed=cfg.seed, rounds=cfg.rounds)
+    if cfg.json:  # written first: the printing below may hit a closed pipe (`... | head`)
+        from rock_dist.fsutil import atomic_write_json  # noqa: PLC0415
+
+        atomic_write_json(cfg.json, result)
+    print(format_table(result), flush=True)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
