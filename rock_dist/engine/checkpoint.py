@@ -1,0 +1,232 @@
+"""Checkpoint and weights files: writing them atomically, rotating them, and loading them anywhere.
+
+Two kinds of file (contract §5):
+- weights-only (`save_weights`): {"format": "rock_dist-weights", "model", "model_config", "class_names",
+  "scene_types"} — what `evaluate` and `detect` need, written at the end of training;
+- training checkpoint (`CheckpointManager.save`): the same keys with format "rock_dist-checkpoint" plus optimizer,
+  scheduler, grad-scaler, step, data position, per-rank RNG states, the training config and the best val metric.
+
+Everything stored is CPU tensors and plain Python values with no wrapper prefixes (`module.` from DDP, `_orig_mod.`
+from torch.compile), so any file loads with `torch.load(weights_only=True, map_location=...)` into 1 or N processes,
+on CPU or GPU (SPEC §8). Writes go through `rock_dist.fsutil.atomic_torch_save`: an interrupted save (Ctrl-C, crash,
+full disk) never replaces or removes the previous complete checkpoint.
+
+Called by `rock_dist.engine.trainer` (saving, resuming) and by `evaluate` / `detect` (`load_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from rock_dist.config import ModelConfig, from_dict, to_dict
+from rock_dist.errors import DataError
+from rock_dist.fsutil import atomic_torch_save
+
+WEIGHTS_FORMAT = "rock_dist-weights"
+CHECKPOINT_FORMAT = "rock_dist-checkpoint"
+CHECKPOINT_VERSION = 1
+_PREFIXES = ("module.", "_orig_mod.")
+_PERIODIC = re.compile(r"^checkpoint_step(\d+)\.pt$")
+BEST_NAME = "checkpoint_best.pt"
+FINAL_WEIGHTS_NAME = "weights_final.pt"
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP / torch.compile key prefixes (possibly stacked, e.g. `module._orig_mod.`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def to_cpu(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples with every tensor moved to the CPU (for device-independent files)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU state dict of the unwrapped model, without wrapper prefixes."""
+    return strip_wrapper_prefixes(to_cpu(unwrap(model).state_dict()))
+
+
+def save_weights(path: str | Path, model: torch.nn.Module, model_config: ModelConfig, class_names: list[str],
+                 scene_types: list[str]) -> Path:
+    """Write the final weights-only file (contract §5) atomically; returns its path."""
+    path = Path(path)
+    atomic_torch_save(path, {
+        "format": WEIGHTS_FORMAT,
+        "model": model_state(model),
+        "model_config": to_dict(model_config),
+        "class_names": list(class_names),
+        "scene_types": list(scene_types),
+    })
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a weights file or training checkpoint onto the CPU with `weights_only=True`; DataError when unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/foreign files
+        raise DataError(f"{path}: not a readable rock_dist checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(data, dict) or data.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
+        raise DataError(f"{path}: not a rock_dist weights file or checkpoint (missing or unknown 'format')")
+    for key in ("model", "model_config"):
+        if key not in data:
+            raise DataError(f"{path}: checkpoint has no {key!r} entry")
+    return data
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelConfig,
+                                                                                dict[str, Any]]:
+    """Build the model stored in `path` (weights file or training checkpoint) on `device`, in eval mode.
+
+    Returns (model, model_config, meta) with meta = {"format", "class_names", "scene_types", "step", "path"}.
+    The backbone is built with `pretrained="none"` because the file holds all weights.
+    """
+    from rock_dist.model.builder import build_model
+
+    data = read_checkpoint(path)
+    model_config = from_dict(ModelConfig, data["model_config"])
+    model_config.pretrained = "none"
+    model = build_model(model_config)
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(data["model"]), strict=True)
+    except RuntimeError as err:
+        raise DataError(f"{path}: weights do not fit the stored model configuration ({str(err).splitlines()[0]})"
+                        ) from err
+    model.to(device)
+    model.eval()
+    meta = {"format": data["format"], "class_names": list(data.get("class_names", [])),
+            "scene_types": list(data.get("scene_types", [])), "step": data.get("step"), "path": str(path)}
+    return model, model_config, meta
+
+
+def periodic_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the periodic checkpoints in `save_dir`, oldest first."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for p in save_dir.iterdir():
+        m = _PERIODIC.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume_path(path: str | Path) -> Path | None:
+    """`--checkpoint_path` as a file, or a directory meaning "its newest periodic checkpoint" (None if it has none,
+    so a requeued job with an empty save directory starts fresh)."""
+    path = Path(path)
+    if path.is_dir():
+        found = periodic_checkpoints(path)
+        return found[-1][1] if found else None
+    if not path.is_file():
+        raise DataError(f"--checkpoint_path {path}: no such file or directory")
+    return path
+
+
+class CheckpointManager:
+    """Writes training checkpoints into one directory: the last `keep` periodic ones and the best one.
+
+    Only the main process calls `save` / `save_best`. A new file is complete under its final name before any older
+    one is deleted, so an interruption at any moment leaves at least the previous checkpoint loadable.
+    """
+
+    def __init__(self, save_dir: str | Path, keep: int) -> None:
+        self.save_dir = Path(save_dir)
+        self.keep = max(1, keep)
+
+    def path_for(self, step: int) -> Path:
+        return self.save_dir / f"checkpoint_step{step:07d}.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.save_dir / BEST_NAME
+
+    @property
+    def final_weights_path(self) -> Path:
+        return self.save_dir / FINAL_WEIGHTS_NAME
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = self.path_for(step)
+        atomic_torch_save(path, state)
+        for _, old in periodic_checkpoints(self.save_dir)[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> Path:
+        atomic_torch_save(self.best_path, state)
+        return self.best_path
+
+
+def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, class_names: list[str],
+                        scene_types: list[str], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                        step: int, epoch: int, batch_in_epoch: int, world_size: int, batch_size: int,
+                        gradient_accumulation_steps: int, rng_states: list[dict[str, Any]],
+                        train_config: dict[str, Any], best_metric: float | None,
+                        best_step: int | None) -> dict[str, Any]:
+    """The dict a training checkpoint stores (all CPU, weights_only-loadable).
+
+    Data position: the stream's start `epoch` and `batch_in_epoch` = micro-batches this (and every) rank had taken
+    from the stream since then, together with the `world_size` and `batch_size` they were counted in.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": model_state(model),
+        "model_config": to_dict(model_config),
+        "class_names": list(class_names),
+        "scene_types": list(scene_types),
+        "optimizer": to_cpu(optimizer.state_dict()),
+        "scheduler": to_cpu(scheduler.state_dict()),
+        "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "world_size": world_size,
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "rng": to_cpu(rng_states),
+        "train_config": train_config,
+        "best_metric": best_metric,
+        "best_step": best_step,
+    }
+
+
+__all__ = ["WEIGHTS_FORMAT", "CHECKPOINT_FORMAT", "BEST_NAME", "FINAL_WEIGHTS_NAME", "strip_wrapper_prefixes",
+           "unwrap", "to_cpu", "model_state", "save_weights", "read_checkpoint", "load_model",
+           "periodic_checkpoints", "resolve_resume_path", "CheckpointManager", "training_checkpoint"]

@@ -1,0 +1,117 @@
+"""Process-level set-up for training: device choice, mixed precision, the Accelerator, seeding and RNG state.
+
+Called once by `rock_dist.engine.trainer.train` before anything is built. Everything that depends on the machine
+(CUDA present? bf16 supported? which launcher started us?) is decided here, so the training loop itself only ever
+sees resolved values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rock_dist.config import TrainConfig
+from rock_dist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Resolved machine-dependent settings (what 'auto' turned into)."""
+
+    cpu: bool
+    mixed_precision: str  # "no" | "fp16" | "bf16"
+    channels_last: bool
+    compile: bool
+
+
+def resolve_runtime(cfg: TrainConfig) -> Runtime:
+    """Turn the 'auto' choices of `cfg` into concrete ones for this machine; ConfigError for impossible requests."""
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and cfg.cpu:
+        raise ConfigError("--device cuda and --cpu contradict each other")
+    if cfg.device == "cuda" and not has_cuda:
+        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
+    # 'auto' on a machine without CUDA must mean CPU explicitly: an Accelerator that is not told cpu=True under a
+    # `--multi_gpu` launch on such a machine silently starts N unrelated single processes (SPEC §8).
+    cpu = cfg.cpu or cfg.device == "cpu" or (cfg.device == "auto" and not has_cuda)
+    # The launcher may also force CPU (ACCELERATE_USE_CPU=1 from `accelerate launch --cpu` or our launch scripts).
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        cpu = True
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
+    if precision == "fp16" and cpu:
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
+
+    def on_cuda(choice: str) -> bool:
+        return choice == "yes" or (choice == "auto" and not cpu)
+
+    return Runtime(cpu=cpu, mixed_precision=precision, channels_last=on_cuda(cfg.channels_last),
+                   compile=on_cuda(cfg.compile))
+
+
+def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_parameters: bool) -> Any:
+    """The Accelerator for training.
+
+    No data loader and no scheduler are ever passed to `prepare` (SPEC §8): the WebDataset stream is split by rank in
+    the pipeline, and the LR schedule counts global optimizer steps itself. Gradient accumulation uses Accelerate's
+    `accumulate` (no DDP all-reduce on the inner micro-batches, loss divided by the number of micro-batches); syncing
+    with a data loader's end is switched off because the stream has no end that all ranks reach together.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    handlers = [
+        # find_unused_parameters: with a subset of auxiliary tasks (or --no_rock) some parameters get no gradient
+        # and DDP would otherwise wait for them forever (SPEC §8).
+        DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+        # A finite timeout turns a desynchronised rank into an error instead of an endless hang.
+        InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),
+    ]
+    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
+    return Accelerator(cpu=runtime.cpu, mixed_precision=runtime.mixed_precision,
+                       gradient_accumulation_plugin=plugin, kwargs_handlers=handlers,
+                       step_scheduler_with_optimizer=False)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) in this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts (no NumPy objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`. CUDA states are restored only when the same number of devices is visible."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+__all__ = ["Runtime", "resolve_runtime", "make_accelerator", "seed_everything", "capture_rng_state",
+           "restore_rng_state"]

@@ -1,0 +1,558 @@
+"""The training loop: `train(cfg)` trains ROCK for exactly `cfg.num_iters` optimizer steps at the global batch.
+
+Called by `rock_dist.train` (the command, under `accelerate launch` or plain `python`), and by the tests. One
+iteration = one optimizer step = `gradient_accumulation_steps` micro-batches of `batch_size` images on each of the
+W processes. The loop:
+
+1. takes the step's K micro-batches from this rank's share of the WebDataset stream (split by rank in the pipeline —
+   the stream is never passed through `accelerator.prepare`, SPEC §8), counts what each loss averages over and
+   all-reduces the counts, so the loss is normalised over the global batch (`engine.normalization`);
+2. forward + backward per micro-batch under `accelerator.accumulate` (DDP all-reduces only on the last one);
+3. all-reduces the loss components together with a per-rank non-finite flag: a NaN/inf on ANY rank raises
+   NonFiniteLossError on EVERY rank at this step, before the optimizer step and before any checkpoint;
+4. clips gradients (optional), steps the optimizer, then the MultiStepLR scheduler exactly once (global iterations);
+5. logs, evaluates on the val split, writes checkpoints and TensorBoard pictures on their schedules.
+
+Resuming (`--checkpoint_path`) restores weights, optimizer, scheduler, grad scaler, per-rank RNG states, the best val
+metric and the data position (epoch, micro-batches consumed), then runs only the remaining iterations.
+
+Test-only hooks (environment variables, unset in normal use):
+- `ROCK_DIST_FAULT_NONFINITE=STEP:RANK[,...]`: make the loss of global iteration STEP non-finite on RANK
+  (see `engine.distributed`);
+- `ROCK_DIST_RECORD_DIR=DIR`: every rank writes `DIR/rank{R}.json` at the end (world size, image ids it trained
+  on per iteration, losses, lrs, a SHA-256 digest of its final weights and buffers), so launcher tests can check
+  disjoint data and identical parameters across processes and machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from rock_dist.config import TrainConfig, to_dict
+from rock_dist.engine import checkpoint as ckpt
+from rock_dist.engine.console import TrainConsole
+from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, check_world_size,
+                                          gather_objects, injected_fault, parse_fault_spec, state_digest)
+from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses
+from rock_dist.engine.runtime import (Runtime, capture_rng_state, make_accelerator, resolve_runtime,
+                                      restore_rng_state, seed_everything)
+from rock_dist.engine.tensorboard import TBLogger, eval_metric_scalars, prediction_pictures
+from rock_dist.errors import ConfigError, DataError, NonFiniteLossError, RockError
+from rock_dist.fsutil import atomic_write_json
+
+RECORD_ENV = "ROCK_DIST_RECORD_DIR"
+# Architecture fields that must agree between a checkpoint and the flags of the run resuming it.
+_ARCH_FIELDS = ("backbone", "no_rock", "aux_tasks", "image_size", "num_classes", "num_scenes")
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint must carry to resume exactly."""
+
+    step: int = 0  # completed optimizer steps (global iterations)
+    epoch: int = 0  # the data stream's start epoch (the stream itself runs through epochs endlessly)
+    batch_in_epoch: int = 0  # micro-batches this rank has taken from the stream since `epoch` began
+    best_metric: float | None = None
+    best_step: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns on every rank."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)  # global-batch loss of each iteration run here
+    lrs: list[float] = field(default_factory=list)  # lr used by each iteration run here
+    final_weights: Path | None = None
+    metrics: dict[str, Any] | None = None  # last validation metrics
+    best_metric: float | None = None
+    digest: str = ""  # SHA-256 of this rank's final weights and buffers
+
+
+def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
+    """Class names and scene types from the manifest(s) of the training source(s); all must agree.
+
+    `train_path` is a source string of `rock_dist.data.sources` (split directories, brace patterns, remote shards,
+    several as `SRC[:WEIGHT],...`). Sources without any manifest fall back to the fixed vocabularies of
+    `rock_dist.data.constants`.
+    """
+    from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
+    from rock_dist.data.sources import load_sources
+
+    found: list[tuple[str, list[str], list[str]]] = []
+    for source in load_sources(train_path):
+        if source.meta.get("class_names") and source.meta.get("scene_types"):
+            found.append((source.spec, list(source.meta["class_names"]), list(source.meta["scene_types"])))
+    if not found:
+        return list(CLASS_NAMES), list(SCENE_TYPES)
+    first = found[0]
+    for other in found[1:]:
+        if other[1:] != first[1:]:
+            raise DataError(f"--train_path: sources {other[0]} and {first[0]} have different class or scene lists")
+    return first[1], first[2]
+
+
+class Trainer:
+    """Owns everything one training run needs; `fit()` runs it, `train_step()` is one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from rock_dist.model.builder import build_criterion, build_model
+        from rock_dist.model.priors import feature_map_sizes
+
+        self.cfg = cfg
+        self.runtime: Runtime = resolve_runtime(cfg)
+        # Only the trained branches are built (builder), and the criterion uses every output whatever the batch,
+        # so no parameter is ever without a gradient; DDP's unused-parameter search stays off (it costs a graph
+        # traversal per step).
+        self.accelerator = make_accelerator(cfg, self.runtime, find_unused_parameters=False)
+        check_world_size(self.accelerator)
+        acc = self.accelerator
+        self.rank = acc.process_index
+        self.world_size = acc.num_processes
+        self.device = acc.device
+        self.is_main = acc.is_main_process
+
+        self.class_names, self.scene_types = dataset_vocabulary(cfg.data.train_path)
+        self.model_config = dataclasses.replace(cfg.model, num_classes=len(self.class_names) + 1,
+                                                num_scenes=len(self.scene_types))
+        self.target_size = tuple(feature_map_sizes(tuple(cfg.model.image_size), cfg.model.backbone)[0])
+        self.val_manifest = None
+        if cfg.data.val_path:
+            from rock_dist.data.manifest import load_manifest
+
+            self.val_manifest = load_manifest(cfg.data.val_path)  # fail now, not after hours of training
+
+        resume_path = ckpt.resolve_resume_path(cfg.checkpoint_path) if cfg.checkpoint_path else None
+        self.resume_data = ckpt.read_checkpoint(resume_path) if resume_path is not None else None
+        if self.resume_data is not None:
+            self._check_resume_compatible(resume_path)
+
+        # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
+        seed_everything(cfg.seed)
+        model = build_model(self.model_config)
+        criterion = build_criterion(self.model_config, cfg.loss)
+        if self.resume_data is not None:
+            model.load_state_dict(ckpt.strip_wrapper_prefixes(self.resume_data["model"]), strict=True)
+        if self.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # Fused Adam on CUDA: one kernel for all parameters instead of several per tensor (same update rule).
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=None if self.runtime.cpu else True)
+        # Deliberately NOT prepared: a prepared scheduler steps once per process per optimizer step (SPEC §8).
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.scheduler_milestones),
+                                                              gamma=cfg.scheduler_gamma)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.criterion = criterion.to(self.device)
+        if self.runtime.compile:
+            self.model = torch.compile(self.model)
+
+        self.state = TrainState()
+        self._resume_note = ""
+        if self.resume_data is not None:
+            self._restore(self.resume_data)
+        else:
+            # Per-rank streams for anything random in the main process from here on.
+            seed_everything(cfg.seed + 1_000_003 * (self.rank + 1))
+
+        self.faults = parse_fault_spec(os.environ.get(FAULT_ENV))
+        self.record_dir = os.environ.get(RECORD_ENV) or None
+        self.manager = ckpt.CheckpointManager(cfg.save_path, cfg.keep_checkpoints)
+        self.before_optimizer_step: Callable[[torch.nn.Module], None] | None = None  # diagnostics / tests
+        self.global_batch = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.world_size
+        self._stream: Any = None
+        self._iter: Iterator[Mapping[str, torch.Tensor]] | None = None
+        self._eval_loader: Any = None
+
+    # ------------------------------------------------------------------------------------------------ resuming
+    def _check_resume_compatible(self, path: Path | None) -> None:
+        stored = self.resume_data["model_config"]
+        if self.resume_data.get("format") != ckpt.CHECKPOINT_FORMAT:
+            raise ConfigError(f"--checkpoint_path {path}: a weights-only file cannot resume training (no optimizer "
+                              "state); pass a training checkpoint")
+        for name in _ARCH_FIELDS:
+            mine = getattr(self.model_config, name)
+            theirs = stored.get(name)
+            if isinstance(mine, tuple):
+                theirs = tuple(tuple(v) if isinstance(v, list) else v for v in (theirs or ()))
+            if mine != theirs:
+                raise ConfigError(f"--checkpoint_path {path}: it was trained with {name}={theirs!r} but this run "
+                                  f"has {name}={mine!r}; use the same model flags to resume")
+
+    def _restore(self, data: Mapping[str, Any]) -> None:
+        cfg = self.cfg
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        self._apply_changed_schedule_flags()
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and data.get("scaler") is not None:
+            scaler.load_state_dict(data["scaler"])
+        step = int(data["step"])
+        epoch, position = int(data["epoch"]), int(data["batch_in_epoch"])
+        same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == cfg.data.batch_size)
+        if not same_layout:
+            # Another process count or batch size: keep the number of samples consumed in the epoch. The exact
+            # samples differ (the shard split by rank changed), so the resumed run is statistically, not bitwise,
+            # equivalent.
+            samples = position * int(data.get("batch_size", cfg.data.batch_size)) * int(data.get("world_size", 1))
+            position = samples // (cfg.data.batch_size * self.world_size)
+        self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=position,
+                                best_metric=data.get("best_metric"), best_step=data.get("best_step"))
+        rng = data.get("rng") or []
+        if same_layout and self.rank < len(rng):
+            restore_rng_state(rng[self.rank])
+        else:
+            seed_everything(cfg.seed + 1_000_003 * (self.rank + 1) + step)
+        self._resume_note = ("exact" if same_layout else
+                             f"approximate: checkpoint had {data.get('world_size')} process(es) x batch "
+                             f"{data.get('batch_size')}, this run {self.world_size} x {cfg.data.batch_size}")
+
+    def _apply_changed_schedule_flags(self) -> None:
+        """On resume the optimizer and scheduler states come from the checkpoint; where --lr, --weight_decay,
+        --scheduler_milestones or --scheduler_gamma differ from it (e.g. a run extended with a later milestone),
+        the flags win and the lr is recomputed as a function of the global step. Untouched when nothing changed,
+        so that an ordinary resume stays bit-identical."""
+        cfg = self.cfg
+        sched = self.scheduler
+        groups = self.optimizer.param_groups
+        # A Counter, or a plain dict after a weights_only load: {milestone: multiplicity}.
+        stored = sorted(m for m, count in dict(sched.milestones).items() for _ in range(count))
+        changed = (stored != sorted(cfg.scheduler_milestones)
+                   or sched.gamma != cfg.scheduler_gamma or any(g["initial_lr"] != cfg.lr for g in groups)
+                   or any(g["weight_decay"] != cfg.weight_decay for g in groups))
+        if not changed:
+            return
+        sched.milestones = Counter(cfg.scheduler_milestones)
+        sched.gamma = cfg.scheduler_gamma
+        sched.base_lrs = [cfg.lr for _ in groups]
+        decays = sum(1 for m in cfg.scheduler_milestones if m <= sched.last_epoch)
+        for group in groups:
+            group["initial_lr"] = cfg.lr
+            group["weight_decay"] = cfg.weight_decay
+            group["lr"] = cfg.lr * cfg.scheduler_gamma ** decays
+        sched._last_lr = [g["lr"] for g in groups]
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _open_stream(self) -> None:
+        """Open this rank's training stream at the saved data position.
+
+        The pipeline's stream is endless (it runs through its epochs by itself, equal steps per rank by plan), so
+        the data position is simply the number of micro-batches this rank has taken since the stream's start epoch;
+        `start_batch` makes the pipeline skip them (bit-identical continuation, see rock_dist.data.pipeline).
+        """
+        from rock_dist.data.pipeline import make_train_loader
+
+        cfg = self.cfg
+        self._stream = make_train_loader(
+            cfg.data.train_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
+            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
+            world_size=self.world_size, force_crops=cfg.data.force_crops, epoch=self.state.epoch,
+            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.state.batch_in_epoch)
+        self._iter = iter(self._stream)
+
+    @property
+    def data_epoch(self) -> float:
+        """Epochs of data seen so far (fractional), for the console."""
+        per_epoch = int(getattr(self._stream, "steps_per_epoch", 0) or 0)
+        return self.state.epoch + (self.state.batch_in_epoch / per_epoch if per_epoch else 0.0)
+
+    def _next_batch(self) -> Mapping[str, torch.Tensor]:
+        """The next micro-batch of this rank."""
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            raise DataError(f"rank {self.rank}: the training stream {self.cfg.data.train_path} ended; it should be "
+                            "endless") from None
+        self.state.batch_in_epoch += 1
+        return batch
+
+    def _open_stream_checked(self) -> Mapping[str, torch.Tensor]:
+        """Open the stream and take the first micro-batch; a rank without data fails on ALL ranks, before training.
+
+        The failing rank must still take part in the flag all-reduce: raising on it alone would leave the others
+        waiting in their first DDP collective.
+        """
+        error: str | None = None
+        first: Mapping[str, torch.Tensor] | None = None
+        try:
+            self._open_stream()
+            first = self._next_batch()
+        except (RockError, StopIteration, OSError, ValueError) as err:
+            error = f"rank {self.rank}: {err}"
+        if any_rank(error is not None, self.device):
+            messages = [m for m in gather_objects(error) if m]
+            raise DataError("no training data on some process before training started: " + "; ".join(messages))
+        assert first is not None
+        return first
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[Mapping[str, torch.Tensor]], step: int | None = None
+                   ) -> dict[str, float]:
+        """One optimizer step over this rank's K micro-batches (CPU batches of contract §3).
+
+        Returns the global-batch loss components (same values on every rank) and "lr" (the lr used).
+        Raises NonFiniteLossError on every rank together when any rank's loss is not finite.
+        """
+        from rock_dist.data.batch import prepare_batch
+
+        acc = self.accelerator
+        cfg = self.cfg
+        step = self.state.step + 1 if step is None else step
+        k = len(micro_batches)
+        if k != cfg.gradient_accumulation_steps:
+            raise ValueError(f"train_step got {k} micro-batches, expected {cfg.gradient_accumulation_steps}")
+        for batch in micro_batches:
+            n = batch["images"].shape[0]
+            if n < 2:
+                raise DataError(f"rank {self.rank}: a training batch of {n} image(s); BatchNorm needs at least 2 "
+                                "per process")
+
+        counts = [micro_batch_counts(b) for b in micro_batches]
+        global_counts = all_reduce_sum(torch.stack(counts).sum(0).to(self.device)).cpu()
+        num_micro_global = k * self.world_size
+        tasks = self.model_config.tasks
+        lr = self.optimizer.param_groups[0]["lr"]
+
+        sums: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros((), device=self.device)
+        inject = injected_fault(self.faults, step, self.rank)
+        for batch, count in zip(micro_batches, counts):
+            prepared = prepare_batch(batch, self.device, channels_last=self.runtime.channels_last)
+            with acc.accumulate(self.model):
+                outputs = self.model(prepared["images"])
+                raw = self.criterion(outputs, prepared)
+                losses = normalized_losses(raw, loss_ratios(count, global_counts, num_micro_global), tasks,
+                                           cfg.loss)
+                loss = losses["loss"]
+                if inject:
+                    loss = losses["loss"] = loss * float("nan")
+                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
+                acc.backward(loss)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+        if not acc.sync_gradients:
+            raise RuntimeError("gradient accumulation out of step: the last micro-batch did not sync gradients")
+
+        # One all-reduce per step carries the loss components and one non-finite flag per rank.
+        names = sorted(sums)
+        flags = torch.zeros(self.world_size, device=self.device)
+        flags[self.rank] = nonfinite
+        packed = torch.cat([torch.stack([sums[n] for n in names]), flags])
+        reduced = all_reduce_sum(packed).tolist()  # also the step's host synchronisation point
+        bad_ranks = [r for r, f in enumerate(reduced[len(names):]) if f > 0]
+        if bad_ranks:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite training loss at iteration {step} on rank(s) {', '.join(map(str, bad_ranks))}; all "
+                f"{self.world_size} process(es) stopped before the optimizer step. The last checkpoint in "
+                f"{cfg.save_path} is from before this iteration. Try a lower --lr, --clip_grad_norm, or "
+                "--mixed_precision no.")
+        values = {n: v / num_micro_global for n, v in zip(names, reduced)}
+
+        if cfg.clip_grad_norm > 0:
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+            values["grad_norm"] = float(norm)
+        if self.before_optimizer_step is not None:
+            self.before_optimizer_step(self.model)
+        self.optimizer.step()
+        self.scheduler.step()  # exactly once per global iteration, on every rank
+        self.optimizer.zero_grad(set_to_none=True)
+        values["lr"] = lr
+        return values
+
+    # ------------------------------------------------------------------------------------------------ the run
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        acc = self.accelerator
+        st = self.state
+        result = TrainResult(step=st.step, best_metric=st.best_metric)
+        record_ids: list[list[int]] = []
+        console = TrainConsole(enabled=self.is_main, verbose=not cfg.no_verbose, total_steps=cfg.num_iters,
+                               start_step=st.step, log_every=cfg.train_eval_freq)
+        tb = TBLogger(cfg.writer_path, enabled=self.is_main)
+        try:
+            with console:
+                self._announce(console)
+                if self.resume_data is not None:
+                    console.always(f"resumed from step {st.step} (data position: batch {st.batch_in_epoch} of "
+                                   f"the stream since epoch {st.epoch}; {self._resume_note})")
+                    self.resume_data = None  # free the CPU copy of the weights
+                if st.step >= cfg.num_iters:
+                    console.always(f"checkpoint is at step {st.step} >= --num_iters {cfg.num_iters}: "
+                                   "nothing left to train")
+                else:
+                    first = self._open_stream_checked()
+                    self.model.train()
+                    self._loop(first, console, tb, result, record_ids)
+                broadcast_buffers(ckpt.unwrap(self.model))  # identical final weights on every rank
+                if self.val_manifest is not None and result.metrics is None:
+                    result.metrics = self._evaluate(console, tb)  # resumed at the end: evaluate anyway
+                if self.is_main:
+                    result.final_weights = ckpt.save_weights(self.manager.final_weights_path, self.model,
+                                                             self.model_config, self.class_names,
+                                                             self.scene_types)
+                acc.wait_for_everyone()
+        finally:
+            tb.close()
+        result.step = st.step
+        result.best_metric = st.best_metric
+        unwrapped = ckpt.unwrap(self.model)
+        result.digest = state_digest(list(unwrapped.state_dict().items()))
+        summary = f"done: {st.step} iterations"
+        if result.metrics is not None:
+            summary += f", val AP {100 * result.metrics['AP']:.2f} AP50 {100 * result.metrics['AP50']:.2f}"
+        if st.best_metric is not None:
+            summary += f", best AP {100 * st.best_metric:.2f} at step {st.best_step}"
+        if result.final_weights is not None:
+            summary += f"; weights: {result.final_weights}"
+        console.always(summary)
+        if self.record_dir:
+            self._write_record(result, record_ids)
+        return result
+
+    def _announce(self, console: TrainConsole) -> None:
+        cfg = self.cfg
+        acc = self.accelerator
+        console.print(
+            f"rock_dist train: {self.world_size} process(es) ({acc.distributed_type.value}, {self.device}), "
+            f"global batch {self.global_batch} = {cfg.data.batch_size} x {cfg.gradient_accumulation_steps} "
+            f"accumulation x {self.world_size}, precision {self.runtime.mixed_precision}, channels_last "
+            f"{self.runtime.channels_last}, compile {self.runtime.compile}, model {cfg.model.backbone} "
+            f"{'SSD' if cfg.model.no_rock else 'ROCK ' + '+'.join(self.model_config.tasks)} "
+            f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}, {cfg.num_iters} iterations")
+
+    def _eval_due(self, step: int) -> bool:
+        f = self.cfg.val_eval_freq
+        return self.val_manifest is not None and f > 0 and step % f == 0
+
+    def _loop(self, first: Mapping[str, torch.Tensor], console: TrainConsole, tb: TBLogger, result: TrainResult,
+              record_ids: list[list[int]]) -> None:
+        cfg = self.cfg
+        st = self.state
+        pending: list[Mapping[str, torch.Tensor]] = [first]
+        window: dict[str, float] = {}
+        window_steps = 0
+        window_start = time.perf_counter()
+        step_start = window_start
+        smooth_dt: float | None = None
+        while st.step < cfg.num_iters:
+            micro = pending + [self._next_batch() for _ in range(cfg.gradient_accumulation_steps - len(pending))]
+            pending = []
+            values = self.train_step(micro, step=st.step + 1)
+            st.step += 1
+            result.losses.append(values["loss"])
+            result.lrs.append(values["lr"])
+            if self.record_dir:
+                record_ids.append([int(i) for b in micro for i in b["image_id"].tolist()])
+
+            now = time.perf_counter()
+            dt = now - step_start
+            step_start = now
+            smooth_dt = dt if smooth_dt is None else 0.9 * smooth_dt + 0.1 * dt
+            for name, value in values.items():
+                window[name] = window.get(name, 0.0) + value
+            window_steps += 1
+            shown = {n: window[n] / window_steps for n in window if n.startswith("loss")}
+            console.update(st.step, shown, values["lr"], 1.0 / smooth_dt, self.global_batch / smooth_dt)
+
+            if st.step % max(1, cfg.train_eval_freq) == 0 or st.step == cfg.num_iters:
+                elapsed = now - window_start
+                scalars = {n: window[n] / window_steps for n in window}
+                scalars["iterations_per_s"] = window_steps / elapsed
+                scalars["images_per_s"] = window_steps * self.global_batch / elapsed
+                tb.scalars(scalars, st.step, prefix="train/")
+                window, window_steps, window_start = {}, 0, now
+            if self.is_main and tb.enabled and cfg.image_to_tb_freq > 0 and st.step % cfg.image_to_tb_freq == 0:
+                self._log_pictures(tb, micro[-1])
+            # The last iteration always evaluates (before its checkpoint, which then carries the best metric).
+            if self._eval_due(st.step) or (st.step == cfg.num_iters and self.val_manifest is not None):
+                result.metrics = self._evaluate(console, tb)
+                step_start = time.perf_counter()  # evaluation time is not training throughput
+            if (cfg.model_save_freq > 0 and st.step % cfg.model_save_freq == 0) or st.step == cfg.num_iters:
+                self._save_checkpoint(console)
+                step_start = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------------ side jobs
+    def _log_pictures(self, tb: TBLogger, batch: Mapping[str, torch.Tensor]) -> None:
+        from rock_dist.data.batch import prepare_batch
+
+        prepared = prepare_batch(batch, self.device, channels_last=self.runtime.channels_last)
+        pictures = prediction_pictures(ckpt.unwrap(self.model), batch["images"], prepared["images"], prepared,
+                                       class_names=self.class_names, scene_types=self.scene_types,
+                                       loss_config=self.cfg.loss, autocast=self.accelerator.autocast)
+        tb.images(pictures, self.state.step)
+
+    def _evaluate(self, console: TrainConsole, tb: TBLogger) -> dict[str, Any]:
+        from rock_dist.data.pipeline import make_eval_loader
+        from rock_dist.engine.evaluation import evaluate
+
+        cfg = self.cfg
+        broadcast_buffers(ckpt.unwrap(self.model))  # every rank evaluates the same network
+        if self._eval_loader is None:  # re-iterable, with persistent workers: build it once per run
+            self._eval_loader = make_eval_loader(
+                cfg.data.val_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
+                batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, rank=self.rank,
+                world_size=self.world_size)
+        loader = self._eval_loader
+        out_dir = Path(cfg.coco_json_save_path) / f"step{self.state.step:07d}" if cfg.coco_json_save_path else None
+        metrics = evaluate(self.model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
+                           class_names=self.class_names, expected_images=self.val_manifest.num_samples)
+        self.model.train()
+        tb.scalars(eval_metric_scalars(metrics), self.state.step, prefix="val/")
+        console.print(f"step {self.state.step}: val AP {100 * metrics['AP']:.2f} AP50 {100 * metrics['AP50']:.2f} "
+                      f"({metrics.get('num_images', '?')} images)")
+        ap = float(metrics["AP"])
+        st = self.state
+        if cfg.save_best_on_val and (st.best_metric is None or ap > st.best_metric):
+            st.best_metric, st.best_step = ap, st.step
+            state = self._checkpoint_state()
+            if self.is_main:
+                self.manager.save_best(state)
+                console.print(f"step {st.step}: new best val AP {100 * ap:.2f} -> {self.manager.best_path}")
+            self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The checkpoint dict (collective: every rank contributes its RNG state)."""
+        broadcast_buffers(ckpt.unwrap(self.model))
+        rng_states = gather_objects(capture_rng_state())
+        st = self.state
+        return ckpt.training_checkpoint(
+            model=self.model, model_config=self.model_config, class_names=self.class_names,
+            scene_types=self.scene_types, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=getattr(self.accelerator, "scaler", None), step=st.step, epoch=st.epoch,
+            batch_in_epoch=st.batch_in_epoch, world_size=self.world_size, batch_size=self.cfg.data.batch_size,
+            gradient_accumulation_steps=self.cfg.gradient_accumulation_steps, rng_states=rng_states,
+            train_config=to_dict(self.cfg), best_metric=st.best_metric, best_step=st.best_step)
+
+    def _save_checkpoint(self, console: TrainConsole) -> None:
+        state = self._checkpoint_state()
+        if self.is_main:
+            path = self.manager.save(state, self.state.step)
+            console.print(f"step {self.state.step}: checkpoint {path}")
+        self.accelerator.wait_for_everyone()
+
+    def _write_record(self, result: TrainResult, record_ids: list[list[int]]) -> None:
+        acc = self.accelerator
+        atomic_write_json(Path(self.record_dir) / f"rank{self.rank}.json", {
+            "rank": self.rank, "world_size": self.world_size, "distributed_type": str(acc.distributed_type.value),
+            "device": str(self.device), "mixed_precision": self.runtime.mixed_precision,
+            "local_process_index": acc.local_process_index, "step": result.step, "losses": result.losses,
+            "lrs": result.lrs, "image_ids": record_ids, "digest": result.digest,
+            "final_weights": str(result.final_weights) if result.final_weights else None,
+        })
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train per `cfg` (see module docstring); returns on every rank after the final weights are written."""
+    return Trainer(cfg).fit()
+
+
+__all__ = ["TrainState", "TrainResult", "Trainer", "train", "dataset_vocabulary", "RECORD_ENV"]
