@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -124,6 +125,9 @@ class TrainConfig:
 
     channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto")
     compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto")
+    fold_backbone_bn: bool = opt("Fold the frozen backbone BatchNorms into their convolutions while training "
+                                 "(faster; same forward pass, but Adam and weight decay then act on the merged "
+                                 "weights, which departs from the reference recipe).", False)
     dist_timeout: int = opt("Seconds a collective may wait for the other ranks before failing (instead of "
                             "hanging).", 1800)
 
@@ -223,6 +227,11 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per (nested) field of `cls`."""
+    if prog is None:
+        # Under `python -m rock_dist.X` argv[0] is a file path; name the command the way users type it.
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name.startswith("rock_dist"):
+            prog = f"python -m {spec.name}"
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     seen: set[str] = set()
@@ -462,6 +471,9 @@ class BenchConfig:
     find_max_batch: bool = opt("Also search the largest training batch of the fast recipe that fits in GPU memory "
                                "(CUDA only).", False)
     max_batch: int = opt("Upper bound of the largest-batch search.", 512)
+    threads: int = opt("torch CPU threads in this process (0: torch's default, one per core). On a machine shared "
+                       "with other busy processes, 1 avoids OpenMP threads waiting for each other (measured 10x "
+                       "slower steps with 2 threads on 2 busy cores).", 0)
     seed: int = opt("Seed of weights, data and augmentation.", 0)
     work_dir: str = opt("Directory for temporary files (synthetic shards, pickles); empty: the system temp dir.", "")
 

@@ -81,17 +81,24 @@ def _launcher(num_processes: int) -> list[str]:
     import torch
 
     gpus = torch.cuda.device_count()
+    # Precision and compilation are rock_dist.train's own flags; telling the launcher 'no' keeps one source of truth
+    # (and silences its warnings about defaults).
+    quiet = ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return ["accelerate", "launch", *quiet, *_layout(gpus, num_processes)]
+
+
+def _layout(gpus: int, num_processes: int) -> list[str]:
     if gpus == 0:
         if num_processes > 1:
             # SPEC §8: `--cpu --num_processes N` starts one process; N CPU processes need --multi_gpu + forced CPU.
-            return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes",
-                    str(num_processes), "-m", "rock_dist.train", "--cpu"]
-        return ["accelerate", "launch", "--cpu", "--num_machines", "1", "--num_processes", "1", "-m",
-                "rock_dist.train"]
+            return ["--multi_gpu", "--num_machines", "1", "--num_processes", str(num_processes), "-m",
+                    "rock_dist.train", "--cpu"]
+        threads = str(os.cpu_count() or 1)
+        return ["--cpu", "--num_machines", "1", "--num_processes", "1", "--num_cpu_threads_per_process", threads,
+                "-m", "rock_dist.train"]
     n = num_processes or gpus
     multi = ["--multi_gpu"] if n > 1 else []
-    return ["accelerate", "launch", *multi, "--num_machines", "1", "--num_processes", str(n), "-m",
-            "rock_dist.train"]
+    return [*multi, "--num_machines", "1", "--num_processes", str(n), "-m", "rock_dist.train"]
 
 
 def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards: Path, work: Path) -> RunOutputs:

@@ -456,10 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "build":
-        build_shards(parse_config(ShardsBuildConfig, rest))
+        build_shards(parse_config(ShardsBuildConfig, rest, prog="python -m rock_dist.shards build"))
         return 0
     if command == "verify":
-        cfg = parse_config(ShardsVerifyConfig, rest)
+        cfg = parse_config(ShardsVerifyConfig, rest, prog="python -m rock_dist.shards verify")
         problems, summaries = verify(cfg.path, decode=not cfg.no_decode)
         for line in summaries:
             print(line)

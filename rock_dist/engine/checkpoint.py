@@ -73,8 +73,11 @@ def to_cpu(obj: Any) -> Any:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU state dict of the unwrapped model, without wrapper prefixes."""
-    return strip_wrapper_prefixes(to_cpu(unwrap(model).state_dict()))
+    """CPU state dict of the unwrapped model, without wrapper prefixes, in the unfolded key layout (the trainer folds
+    the backbone's BatchNorms into its convolutions; unfolded weights load into any model of the config)."""
+    from rock_dist.model.fuse import unfolded_state_dict
+
+    return strip_wrapper_prefixes(to_cpu(unfolded_state_dict(unwrap(model))))
 
 
 def save_weights(path: str | Path, model: torch.nn.Module, model_config: ModelConfig, class_names: list[str],
