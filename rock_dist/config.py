@@ -37,6 +37,10 @@ class ModelConfig:
                                                                  "resnet50")
     pretrained: str = opt("Backbone weights: 'imagenet' (torchvision's, needs them cached or network), 'none', "
                           "or a path to a local state-dict file.", "imagenet")
+    backbone_bn: Literal["frozen", "train"] = opt(
+        "Backbone BatchNorm: 'frozen' keeps its running statistics fixed while its affine weights train (the "
+        "reference; right with pretrained weights), 'train' updates them like any BatchNorm (for a backbone trained "
+        "from scratch, e.g. with --pretrained none).", "frozen")
     no_rock: bool = opt("Train the baseline SSD without the ROCK auxiliary block.", False)
     aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
         "Auxiliary tasks of the ROCK block (any subset of scene depth normals).", AUX_TASKS)

@@ -107,7 +107,10 @@ def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards:
     tensorboard = run_dir / "tensorboard"
     eval_dir = run_dir / "eval"
     h, w = cfg.image_size
-    model_flags = ["--backbone", cfg.backbone, "--pretrained", "none", "--image_size", str(h), str(w)]
+    # No pretrained weights here, so the backbone's BatchNorms must learn their statistics (frozen initial ones
+    # would leave the trunk unnormalised); real NYUv2 runs with ImageNet weights keep the reference's frozen BN.
+    model_flags = ["--backbone", cfg.backbone, "--pretrained", "none", "--backbone_bn", "train",
+                   "--image_size", str(h), str(w)]
     if no_rock:
         model_flags.append("--no_rock")
     env = {"ACCELERATE_USE_CPU": "1"} if cfg.num_processes > 1 and not _has_cuda() else None

@@ -330,3 +330,19 @@ def test_channels_last_and_compile_friendly() -> None:
     for k in expected:
         torch.testing.assert_close(losses[k], expected[k], rtol=1e-4, atol=1e-4)
     assert torch.isfinite(losses["loss"]) and losses["num_pos"].item() >= 1
+
+
+def test_backbone_bn_train_option_updates_statistics_and_refuses_folding() -> None:
+    from rock_dist.errors import ConfigError
+    from rock_dist.model.fuse import fold_backbone_batchnorm
+
+    model = build_model(small_config(backbone_bn="train"))
+    model.train()
+    backbone_bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert backbone_bns and all(m.training for m in backbone_bns)
+    before = backbone_bns[0].running_mean.clone()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 128, 160) * 3 + 1)
+    assert not torch.equal(before, backbone_bns[0].running_mean)
+    with pytest.raises(ConfigError, match="backbone_bn frozen"):
+        fold_backbone_batchnorm(model)

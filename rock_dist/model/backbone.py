@@ -40,10 +40,12 @@ class ResNetBackbone(nn.Module):
     """ResNet trunk: stem + layer1..layer4 (last stage dilated). Input B x 3 x H x W → B x C x ceil(H/16) x ceil(W/16).
 
     C = 2048 (resnet50) or 512 (resnet18/34). Parameter names equal torchvision's (`conv1`, `bn1`, `layer1`, ...),
-    so torchvision state dicts load directly. BatchNorm layers stay in eval mode whatever `train()` is called with.
+    so torchvision state dicts load directly. With `freeze_bn` (the reference's choice) BatchNorm layers stay in eval
+    mode whatever `train()` is called with; without it they behave like any BatchNorm (training from scratch, where
+    frozen initial statistics would leave the deep trunk unnormalised).
     """
 
-    def __init__(self, name: str = "resnet50") -> None:
+    def __init__(self, name: str = "resnet50", freeze_bn: bool = True) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ConfigError(f"--backbone {name!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
@@ -52,7 +54,9 @@ class ResNetBackbone(nn.Module):
         net = _make_dilated_resnet(name)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.freeze_batchnorm()
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            self.freeze_batchnorm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -66,7 +70,8 @@ class ResNetBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> "ResNetBackbone":
         super().train(mode)
-        self.freeze_batchnorm()
+        if self.freeze_bn:
+            self.freeze_batchnorm()
         return self
 
 
@@ -209,9 +214,9 @@ def load_backbone_weights(backbone: ResNetBackbone, pretrained: str) -> None:
     backbone.load_state_dict(state, strict=False)  # completeness checked above
 
 
-def build_backbone(name: str = "resnet50", pretrained: str = "none") -> ResNetBackbone:
+def build_backbone(name: str = "resnet50", pretrained: str = "none", freeze_bn: bool = True) -> ResNetBackbone:
     """A dilated ResNet backbone with weights from `pretrained` ('imagenet' | 'none' | path)."""
-    backbone = ResNetBackbone(name)
+    backbone = ResNetBackbone(name, freeze_bn)
     load_backbone_weights(backbone, pretrained)
     return backbone
 

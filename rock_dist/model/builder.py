@@ -32,6 +32,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"num_classes {cfg.num_classes}: need background plus at least one class")
     if cfg.num_scenes < 2 and "scene" in cfg.tasks:
         raise ConfigError(f"num_scenes {cfg.num_scenes}: the scene task needs at least two scene types")
+    if cfg.backbone_bn not in ("frozen", "train"):
+        raise ConfigError(f"--backbone_bn {cfg.backbone_bn!r}: choose frozen or train")
     if cfg.depth_loss not in ("smoothl1", "berhu"):
         raise ConfigError(f"--depth_loss {cfg.depth_loss!r}: choose smoothl1 or berhu")
 
@@ -42,7 +44,7 @@ def build_model(cfg: ModelConfig) -> ROCKDetector:
     Only the auxiliary branches of `cfg.tasks` are built. Raises ConfigError for bad settings or unavailable weights.
     """
     check_model_config(cfg)
-    return ROCKDetector(cfg, build_backbone(cfg.backbone, cfg.pretrained))
+    return ROCKDetector(cfg, build_backbone(cfg.backbone, cfg.pretrained, freeze_bn=cfg.backbone_bn == "frozen"))
 
 
 def build_criterion(cfg: ModelConfig, loss: LossConfig) -> ROCKCriterion:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rock_dist.errors import ConfigError
+
 # Attribute pairs (conv, bn) of torchvision's stem, BasicBlock and Bottleneck.
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
@@ -78,6 +80,9 @@ def fold_backbone_batchnorm(model: nn.Module) -> nn.Module:
     backbone; create the optimizer afterwards.
     """
     backbone = getattr(model, "backbone", model)
+    if not getattr(backbone, "freeze_bn", True):
+        # Trained statistics change every step: a fold would freeze them at today's values and change the model.
+        raise ConfigError("--fold_backbone_bn needs --backbone_bn frozen (the backbone's BatchNorms are training)")
     prefix = "backbone" if backbone is not model else ""
     return _fold(model, [(prefix, backbone)])
 
