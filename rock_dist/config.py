@@ -85,6 +85,8 @@ class DataConfig:
     batch_size: int = opt("Images per process per micro-batch (>= 2: BatchNorm needs it).", 8)
     num_workers: int = opt("Data-loader worker processes per rank (-1: automatic).", -1)
     force_crops: bool = opt("Always apply the SSD random crop (never the 'no crop' option).", False)
+    no_crops: bool = opt("Never apply the SSD random crop (flip, colour jitter and resize only): for short runs from "
+                         "scratch, where the crop's zoomed views slow learning down.", False)
     shuffle_buffer: int = opt("Sample shuffle buffer per worker (raw samples, before decoding).", 256)
     color_jitter: Literal["device", "cpu", "none"] = opt(
         "Where the training colour jitter runs: 'device' (parameters drawn by the loader workers, applied batched "
@@ -299,6 +301,8 @@ def validate(config: Any) -> None:
         if not model.no_rock and not model.aux_tasks:
             raise ValueError("--aux_tasks is empty: give at least one task, or use --no_rock for the baseline SSD")
     data = getattr(config, "data", None)
+    if isinstance(data, DataConfig) and data.force_crops and data.no_crops:
+        raise ValueError("--force_crops and --no_crops contradict each other")
     if isinstance(data, DataConfig) and data.batch_size < 2:
         raise ValueError(f"--batch_size {data.batch_size}: training needs at least 2 images per process "
                          "(BatchNorm on the 1x1 feature map fails with one)")
@@ -420,11 +424,11 @@ class QuickstartConfig:
                        "quickstart")
     nyuv2_dir: str = opt("Use real NYUv2 from this directory (nyu_depth_v2_labeled.mat, splits.mat, normals_gt/ "
                          "or normals_gt.tgz, optional val_split.txt) instead of synthetic rooms.", "")
-    num_images: int = opt("Synthetic rooms to render.", 360)
-    render_size: tuple[int, int] = opt("Size of the rendered rooms as HEIGHT WIDTH.", (240, 320))
-    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH.", (192, 256))
+    num_images: int = opt("Synthetic rooms to render.", 480)
+    render_size: tuple[int, int] = opt("Size of the rendered rooms as HEIGHT WIDTH.", (120, 160))
+    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH.", (128, 160))
     backbone: Literal["resnet18", "resnet34", "resnet50"] = opt("Backbone of the small configuration.", "resnet18")
-    num_iters: int = opt("Optimizer steps.", 300)
+    num_iters: int = opt("Optimizer steps.", 600)
     batch_size: int = opt("Images per process per step.", 8)
     lr: float = opt("Adam learning rate (higher than the reference's: no pretrained weights here).", 1e-3)
     num_processes: int = opt("Training processes (0: one per GPU, or 1 on CPU).", 0)

@@ -235,3 +235,18 @@ def test_decode_sample_rejects_missing_and_inconsistent_members() -> None:
         decode_sample({"__key__": "k", "json": b"{}"}, where="shard-x.tar")
     with pytest.raises(DataError, match="shard-x.tar"):
         decode_sample({"__key__": "k", "json": b"{}", "rgb.jpg": b"not a jpeg"}, where="shard-x.tar")
+
+
+def test_no_crops_keeps_the_whole_view_and_still_flips() -> None:
+    sample = _scene_sample()
+    H, W = sample.image.shape[-2:]
+    flips = set()
+    for seed in range(12):
+        out = TrainTransform(OUT, TARGET, no_crops=True, jitter="none")(sample, random.Random(seed))
+        g: Geometry = out["geometry"]
+        assert (g.x0, g.y0, g.x1, g.y1) == (0, 0, W, H) and g.zoom == pytest.approx(1.0)
+        assert len(out["labels"]) == len(sample.labels)  # no box is ever cropped away
+        flips.add(g.flip)
+    assert flips == {True, False}
+    with pytest.raises(ValueError, match="contradict"):
+        TrainTransform(OUT, TARGET, force_crops=True, no_crops=True)

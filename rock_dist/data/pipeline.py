@@ -229,8 +229,8 @@ class TrainStream:
     """
 
     def __init__(self, sources: list[Source], *, image_size: Size, target_size: Size, batch_size: int,
-                 num_workers: int, seed: int, rank: int, world_size: int, force_crops: bool = False, epoch: int = 0,
-                 shuffle_buffer: int = 256, start_batch: int = 0,
+                 num_workers: int, seed: int, rank: int, world_size: int, force_crops: bool = False,
+                 no_crops: bool = False, epoch: int = 0, shuffle_buffer: int = 256, start_batch: int = 0,
                  color_jitter: Literal["device", "cpu", "none"] = "device") -> None:
         _check_common(image_size, target_size, batch_size, num_workers, rank, world_size)
         if start_batch < 0 or epoch < 0:
@@ -266,7 +266,7 @@ class TrainStream:
         self._plan = _TrainPlan(sources=sources, probs=[w / total_w for w in weights], seed=seed, rank=rank,
                                 world_size=world_size, num_workers=max(1, effective), batch_size=batch_size,
                                 shuffle_buffer=shuffle_buffer, epoch=epoch, start_batch=start_batch,
-                                transform=TrainTransform(image_size, target_size, force_crops=force_crops,
+                                transform=TrainTransform(image_size, target_size, force_crops=force_crops, no_crops=no_crops,
                                                          jitter=color_jitter))
         self._loader: DataLoader | None = None
 
@@ -314,8 +314,8 @@ class TrainStream:
 
 
 def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
-                      seed: int, rank: int, world_size: int, force_crops: bool = False, epoch: int = 0,
-                      shuffle_buffer: int = 256, start_batch: int = 0,
+                      seed: int, rank: int, world_size: int, force_crops: bool = False, no_crops: bool = False,
+                      epoch: int = 0, shuffle_buffer: int = 256, start_batch: int = 0,
                       color_jitter: Literal["device", "cpu", "none"] = "device") -> TrainStream:
     """The training stream of contract §3 for `sources` (a split directory, brace pattern, pipe: commands, or
     ``SRC[:WEIGHT],...``). Raises DataError/ConfigError before any worker starts when the plan cannot work.
@@ -324,7 +324,7 @@ def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batc
     to apply on the training device; "cpu" applies it in the workers; "none" disables it."""
     return TrainStream(load_sources(sources), image_size=image_size, target_size=target_size, batch_size=batch_size,
                        num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, force_crops=force_crops,
-                       epoch=epoch, shuffle_buffer=shuffle_buffer, start_batch=start_batch, color_jitter=color_jitter)
+                       no_crops=no_crops, epoch=epoch, shuffle_buffer=shuffle_buffer, start_batch=start_batch, color_jitter=color_jitter)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

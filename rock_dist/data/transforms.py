@@ -462,20 +462,23 @@ class TrainTransform:
     scene / has_* / image_id / orig_size and the `geometry` drawn (for tests and debugging).
     """
 
-    def __init__(self, image_size: Size, target_size: Size, *, force_crops: bool = False, flip_p: float = 0.5,
-                 jitter: Literal["device", "cpu", "none"] = "device") -> None:
+    def __init__(self, image_size: Size, target_size: Size, *, force_crops: bool = False, no_crops: bool = False,
+                 flip_p: float = 0.5, jitter: Literal["device", "cpu", "none"] = "device") -> None:
         if jitter not in ("device", "cpu", "none"):
             raise ValueError(f"jitter must be 'device', 'cpu' or 'none', not {jitter!r}")
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.target_size = (int(target_size[0]), int(target_size[1]))
+        if force_crops and no_crops:
+            raise ValueError("force_crops and no_crops contradict each other")
         self.force_crops = force_crops
+        self.no_crops = no_crops
         self.flip_p = flip_p
         self.jitter = jitter
 
     def __call__(self, s: DecodedSample, rng: random.Random) -> dict[str, Any]:
         H, W = s.size
         boxes, labels = s.boxes, s.labels
-        crop = sample_ssd_crop(boxes, (H, W), rng, force_crops=self.force_crops)
+        crop = None if self.no_crops else sample_ssd_crop(boxes, (H, W), rng, force_crops=self.force_crops)
         if crop is None:
             x0, y0, x1, y1 = 0, 0, W, H
         else:

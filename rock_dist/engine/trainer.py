@@ -261,7 +261,8 @@ class Trainer:
         self._stream = make_train_loader(
             cfg.data.train_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
-            world_size=self.world_size, force_crops=cfg.data.force_crops, epoch=self.state.epoch,
+            world_size=self.world_size, force_crops=cfg.data.force_crops,
+            no_crops=cfg.data.no_crops, epoch=self.state.epoch,
             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.state.batch_in_epoch)
         self._iter = iter(self._stream)
 
