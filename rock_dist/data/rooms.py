@@ -31,7 +31,8 @@ from rock_dist.data.constants import NYU_LABEL_IDS, class_id, scene_id
 from rock_dist.data.rooms_geometry import FACE_NEG_Z, FACE_POS_Z, Camera, CastResult, Intrinsics, cast_room
 from rock_dist.data.rooms_scenes import (DISTRACTOR_IDS, NYU_CEILING, NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES,
                                          SCENE_CLASSES, Material, Room, build_room, sample_camera)
-from rock_dist.data.synthetic import OfficialPaths, official_like_names, write_official_layout
+from rock_dist.data.synthetic import (OfficialPaths, allocate_official_arrays, official_like_names,
+                                      write_official_layout)
 from rock_dist.errors import ConfigError
 
 _NYU_TO_CLASS = {nyu: class_id(name) for name, nyu in NYU_LABEL_IDS.items()}
@@ -511,13 +512,7 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
         counters[t] = counters.get(t, 0) + 1
         scene_names.append(f"{t}_{counters[t]:04d}")
 
-    images = np.empty((n, height, width, 3), np.uint8)
-    depths = np.empty((n, height, width), np.float32)
-    raw_depths = np.empty((n, height, width), np.float32)
-    labels = np.empty((n, height, width), np.uint16)
-    instances = np.empty((n, height, width), np.uint8)
-    normals = np.empty((n, height, width, 3), np.float32)
-    masks = np.empty((n, height, width), bool)
+    images, depths, raw_depths, labels, instances, normals, masks = allocate_official_arrays(n, height, width)
     image_scene: list[int] = []
     truth: dict[int, dict[str, Any]] = {}
     i = 0

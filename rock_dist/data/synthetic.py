@@ -136,6 +136,16 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def allocate_official_arrays(n: int, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """Zeroed per-image arrays in the dtypes `write_official_layout` takes, for generators to fill:
+    (images N x H x W x 3 uint8, depths f32, raw_depths f32, labels uint16, instances uint8,
+    normals N x H x W x 3 f32, normal_masks bool)."""
+    return (np.zeros((n, height, width, 3), np.uint8), np.zeros((n, height, width), np.float32),
+            np.zeros((n, height, width), np.float32), np.zeros((n, height, width), np.uint16),
+            np.zeros((n, height, width), np.uint8), np.zeros((n, height, width, 3), np.float32),
+            np.zeros((n, height, width), bool))
+
+
 def write_official_layout(out_dir: str | os.PathLike[str], *, images: np.ndarray, depths: np.ndarray,
                           raw_depths: np.ndarray, labels: np.ndarray, instances: np.ndarray,
                           scene_types: Sequence[str], scenes: Sequence[str], normals: np.ndarray | None,
@@ -254,13 +264,8 @@ def make_random_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heig
     target_ids = set(NYU_LABEL_IDS.values())
     clutter_ids = [k for k in range(1, NYU_NUM_NAMES + 1) if k not in target_ids]
 
-    images = np.empty((n, height, width, 3), np.uint8)
-    depths = np.empty((n, height, width), np.float32)
-    raw_depths = np.empty((n, height, width), np.float32)
-    labels = np.zeros((n, height, width), np.uint16)
-    instances = np.zeros((n, height, width), np.uint8)
-    normals = np.empty((n, height, width, 3), np.float32)
-    masks = np.ones((n, height, width), bool)
+    images, depths, raw_depths, labels, instances, normals, masks = allocate_official_arrays(n, height, width)
+    masks[:] = True
 
     # Scenes: consecutive frames share a scene, as in the recorded sequences.
     num_scenes = max(4, n // 3)
@@ -357,6 +362,6 @@ def make_random_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heig
         normals_as_tgz=normals_as_tgz, ground_truth=truth)
 
 
-__all__ = ["OfficialPaths", "write_official_layout", "make_random_dataset", "load_ground_truth",
+__all__ = ["OfficialPaths", "write_official_layout", "allocate_official_arrays", "make_random_dataset", "load_ground_truth",
            "official_like_names", "encode_normals_png", "DATASET_FILENAME", "SPLITS_FILENAME",
            "NORMALS_DIRNAME", "NORMALS_TGZ_FILENAME", "VAL_SPLIT_FILENAME", "GROUND_TRUTH_FILENAME"]
