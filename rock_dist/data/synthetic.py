@@ -362,6 +362,7 @@ def make_random_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heig
         normals_as_tgz=normals_as_tgz, ground_truth=truth)
 
 
-__all__ = ["OfficialPaths", "write_official_layout", "allocate_official_arrays", "make_random_dataset", "load_ground_truth",
+__all__ = ["OfficialPaths", "write_official_layout", "allocate_official_arrays", "make_random_dataset",
+           "load_ground_truth",
            "official_like_names", "encode_normals_png", "DATASET_FILENAME", "SPLITS_FILENAME",
            "NORMALS_DIRNAME", "NORMALS_TGZ_FILENAME", "VAL_SPLIT_FILENAME", "GROUND_TRUTH_FILENAME"]
