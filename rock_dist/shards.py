@@ -152,17 +152,33 @@ def _check_output(out: Path, dataset: str, dataset_sha: str, dataset_file: str, 
 
 
 def _install(tmp_root: Path, out: Path, splits: Sequence[str]) -> None:
-    """Move finished splits from the temporary directory into OUT, replacing (and removing stale) old ones."""
+    """Move finished splits from the temporary directory into OUT, replacing (and removing stale) old ones.
+
+    All old splits are moved aside first and the new ones moved in after; if any rename fails, the new splits that
+    made it are taken back out and the old ones restored, so a failed install leaves the previous output as it was
+    (the caller then deletes `tmp_root`, which holds only the new build).
+    """
     out.mkdir(parents=True, exist_ok=True)
     trash = tmp_root / ".replaced"
     trash.mkdir()
-    for split in SPLIT_NAMES:
-        dst = out / split
-        if dst.exists() and (dst / MANIFEST_NAME).exists():
-            # A split the new build does not have (e.g. val from an earlier run) must not survive beside it.
-            os.rename(dst, trash / split)
-        if split in splits:
-            os.rename(tmp_root / split, dst)
+    moved_old: list[str] = []
+    moved_new: list[str] = []
+    try:
+        for split in SPLIT_NAMES:
+            dst = out / split
+            if dst.exists() and (dst / MANIFEST_NAME).exists():
+                # A split the new build does not have (e.g. val from an earlier run) must not survive beside it.
+                os.rename(dst, trash / split)
+                moved_old.append(split)
+        for split in splits:
+            os.rename(tmp_root / split, out / split)
+            moved_new.append(split)
+    except BaseException:
+        for split in moved_new:
+            os.rename(out / split, tmp_root / split)
+        for split in moved_old:
+            os.rename(trash / split, out / split)
+        raise
 
 
 def _resolve_workers(requested: int, num_tasks: int) -> int:

@@ -345,3 +345,30 @@ def test_bad_inputs_in_process(nyu_files, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--dataset_name 'a\.b'"):
         main(nyu_files.build_argv(out, "--dataset_name", "a.b"))
     assert not out.exists() and not list(tmp_path.glob(".*building*"))
+
+
+def test_a_failed_install_restores_the_previous_output(tmp_path, monkeypatch) -> None:
+    import os
+
+    from rock_dist import shards as shards_cli
+
+    out = tmp_path / "out"
+    for split in ("train", "test"):
+        (out / split).mkdir(parents=True)
+        (out / split / "manifest.json").write_text(f'{{"old": "{split}"}}')
+    tmp_root = tmp_path / ".building"
+    for split in ("train", "test"):
+        (tmp_root / split).mkdir(parents=True)
+        (tmp_root / split / "manifest.json").write_text(f'{{"new": "{split}"}}')
+    real_rename = os.rename
+
+    def failing_rename(src, dst):  # the second new split cannot be moved in (e.g. disk trouble)
+        if str(src) == str(tmp_root / "test"):
+            raise OSError("simulated failure")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(shards_cli.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        shards_cli._install(tmp_root, out, ["train", "test"])
+    for split in ("train", "test"):
+        assert (out / split / "manifest.json").read_text() == f'{{"old": "{split}"}}'

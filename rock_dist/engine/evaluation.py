@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from rock_dist.engine.checkpoint import unwrap
 from rock_dist.engine.coco import STAT_NAMES, build_detections, build_ground_truth, format_percent, run_coco_eval
 from rock_dist.engine.metrics import AUX_METRIC_NAMES, aggregate_aux_stats, aux_image_stats
 from rock_dist.errors import DataError, RockError
@@ -154,23 +155,6 @@ def _autocast(accelerator: Any) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _modules(model: torch.nn.Module, accelerator: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(module to run forward on, plain ROCKDetector for postprocess/tasks).
-
-    Forward never goes through DDP: its forward may broadcast buffers (a collective), and ranks with unequal
-    batch counts would then wait for each other forever. A torch.compile wrapper is kept for speed.
-    """
-    from rock_dist.engine.checkpoint import unwrap
-
-    plain = unwrap(model)
-    forward = model
-    if accelerator is not None and hasattr(accelerator, "unwrap_model"):
-        forward = accelerator.unwrap_model(model, keep_torch_compile=True)
-    if isinstance(forward, torch.nn.parallel.DistributedDataParallel):
-        forward = forward.module
-    return forward, plain
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], accelerator: Any, *,
              loss_config: Any, out_dir: str | Path | None = None, show_all_cats: bool = False,
@@ -195,7 +179,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
     from rock_dist.data.batch import prepare_batch
 
     start = time.perf_counter()
-    forward, plain = _modules(model, accelerator)
+    # Forward runs on the plain detector, never through DDP (its forward may broadcast buffers, a collective that
+    # ranks with unequal batch counts would wait on forever) nor through the trainer's torch.compile wrapper
+    # (`accelerator.unwrap_model(..., keep_torch_compile=True)` re-points that live wrapper at the bare module,
+    # silently dropping DDP's gradient all-reduce from every later training step).
+    forward = plain = unwrap(model)
     device = accelerator.device if accelerator is not None else next(plain.parameters()).device
     tasks = tuple(getattr(plain, "tasks", ()))
     was_training = plain.training
