@@ -39,12 +39,19 @@ def check_model_flags(model_config: ModelConfig, no_rock: bool, aux_tasks: Seque
                               f"trained with --aux_tasks {' '.join(stored)}; pass --aux_tasks {' '.join(stored)}")
 
 
+def _cpu_forced() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; ConfigError for an impossible request."""
+    """'auto' -> 'cuda' when a GPU is visible and CPU is not forced by the launcher, else 'cpu'; ConfigError for an
+    impossible request."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        # A launch with ACCELERATE_USE_CPU=1 runs gloo on the CPU (SPEC §8); 'auto' must agree with it, or a GPU
+        # machine would pick bf16 on CUDA for an Accelerator that is forced onto the CPU.
+        return "cuda" if torch.cuda.is_available() and not _cpu_forced() else "cpu"
     return device
 
 
@@ -61,7 +68,7 @@ def make_accelerator(device: str, mixed_precision: str) -> Any:
     """An Accelerator for inference; CPU is forced when asked, so a CPU multi-process launch uses gloo (SPEC §8)."""
     from accelerate import Accelerator
 
-    cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cpu = device == "cpu" or _cpu_forced()
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
