@@ -522,16 +522,19 @@ class Trainer:
         if cfg.save_best_on_val and (st.best_metric is None or ap > st.best_metric):
             st.best_metric, st.best_step = ap, st.step
             state = self._checkpoint_state()
-            if self.is_main:
+            if state is not None:
                 self.manager.save_best(state)
                 console.print(f"step {st.step}: new best val AP {100 * ap:.2f} -> {self.manager.best_path}")
             self.accelerator.wait_for_everyone()
         return metrics
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        """The checkpoint dict (collective: every rank contributes its RNG state)."""
+    def _checkpoint_state(self) -> dict[str, Any] | None:
+        """The checkpoint dict on the main process, None elsewhere (collective: every rank must call it, since each
+        contributes its RNG state; only the main process pays for the CPU copy of weights and optimizer state)."""
         broadcast_buffers(ckpt.unwrap(self.model))
         rng_states = gather_objects(capture_rng_state())
+        if not self.is_main:
+            return None
         st = self.state
         return ckpt.training_checkpoint(
             model=self.model, model_config=self.model_config, class_names=self.class_names,
@@ -543,7 +546,7 @@ class Trainer:
 
     def _save_checkpoint(self, console: TrainConsole) -> None:
         state = self._checkpoint_state()
-        if self.is_main:
+        if state is not None:
             path = self.manager.save(state, self.state.step)
             console.print(f"step {self.state.step}: checkpoint {path}")
         self.accelerator.wait_for_everyone()
