@@ -28,6 +28,7 @@ from rock_dist.cli import run_cli
 from rock_dist.config import DetectConfig, parse_config
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.fsutil import atomic_path, atomic_write_json
+from rock_dist.perf.timing import synchronize
 
 DETECTIONS_JSON = "detections.json"
 
@@ -80,11 +81,6 @@ def _save_png(tensor: torch.Tensor, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Detector:
@@ -194,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm = [im for im in (_try_load(detector, p) for p in inputs[:cfg.batch_size]) if im is not None]
         if warm:
             detector.run(warm)
-            _synchronize(device)
+            synchronize(device)
 
     summary: dict[str, Any] = {}
     skipped: list[str] = []
@@ -202,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timed_images = 0
     for start in range(0, len(inputs), cfg.batch_size):
         chunk = inputs[start:start + cfg.batch_size]
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         loaded: list[LoadedImage] = []
         for path in chunk:
@@ -215,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not loaded:
             continue
         results, outputs = detector.run(loaded)
-        _synchronize(device)
+        synchronize(device)
         timed_seconds += time.perf_counter() - t0
         timed_images += len(loaded)
 

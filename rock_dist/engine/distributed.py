@@ -54,6 +54,26 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank (0 outside a process group)."""
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (`obj` itself in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (a list of one in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -26,6 +26,7 @@ import torch
 
 from rock_dist.engine.checkpoint import unwrap
 from rock_dist.engine.coco import STAT_NAMES, build_detections, build_ground_truth, format_percent, run_coco_eval
+from rock_dist.engine.distributed import broadcast_object, gather_objects, is_distributed, rank
 from rock_dist.engine.metrics import AUX_METRIC_NAMES, aggregate_aux_stats, aux_image_stats
 from rock_dist.errors import DataError, RockError
 from rock_dist.fsutil import atomic_write_json
@@ -33,34 +34,6 @@ from rock_dist.fsutil import atomic_write_json
 GROUND_TRUTH_FILE = "ground_truth.json"
 DETECTIONS_FILE = "detections.json"
 METRICS_FILE = "metrics.json"
-
-
-# ------------------------------------------------------------------------------------------- distributed helpers
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's `obj` in rank order (all_gather_object works on gloo and NCCL alike)."""
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not _distributed():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ------------------------------------------------------------------------------------------------ per-image records
@@ -202,16 +175,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
             if progress is not None:
                 progress(int(batch["image_id"].shape[0]))
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know about it
-        if not _distributed():
+        if not is_distributed():
             raise
         # Raising here would leave the other ranks waiting in the gather forever: carry the failure through it.
         caught = err
     finally:
         plain.train(was_training)
 
-    failure = None if caught is None else {"message": f"rank {_rank()}: {type(caught).__name__}: {caught}",
+    failure = None if caught is None else {"message": f"rank {rank()}: {type(caught).__name__}: {caught}",
                                            "rock": isinstance(caught, RockError)}
-    gathered = _gather({"records": records if caught is None else [], "failure": failure})
+    gathered = gather_objects({"records": records if caught is None else [], "failure": failure})
     failures = [g["failure"] for g in gathered if g["failure"] is not None]
     if caught is not None:
         raise caught
@@ -220,7 +193,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
         raise error_cls(f"evaluation failed on another process ({failures[0]['message']})")
 
     result: dict[str, Any] | None = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             unique, duplicates = deduplicate(r for g in gathered for r in g["records"])
             if expected_images is not None and len(unique) != expected_images:
@@ -235,11 +208,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
             metrics["seconds"] = time.perf_counter() - start
             result = {"metrics": metrics}
         except Exception as err:  # noqa: BLE001 - broadcast so that the other ranks do not hang
-            if not _distributed():
+            if not is_distributed():
                 raise
             result = {"error": f"{type(err).__name__}: {err}", "rock": isinstance(err, RockError),
                       "exception": err}
-    shared = _broadcast({k: v for k, v in result.items() if k != "exception"} if result is not None else None)
+    shared = broadcast_object({k: v for k, v in result.items() if k != "exception"} if result is not None else None)
     if "error" in shared:
         if result is not None and "exception" in result:
             raise result["exception"]
