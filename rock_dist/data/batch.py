@@ -15,10 +15,6 @@ from torch.utils.data import get_worker_info
 
 from rock_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_color_jitter
 
-BATCH_KEYS: tuple[str, ...] = ("images", "boxes", "labels", "scene", "has_scene", "has_depth", "has_normals", "depth",
-                               "normals", "normals_mask", "image_id", "orig_size")
-
-
 def _stack_shared(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """torch.stack, writing straight into shared memory when running in a DataLoader worker.
 
@@ -116,4 +112,4 @@ def prepare_batch(batch: Mapping[str, Any], device: torch.device | str, *, chann
     return out
 
 
-__all__ = ["BATCH_KEYS", "collate", "prepare_batch"]
+__all__ = ["collate", "prepare_batch"]

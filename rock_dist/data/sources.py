@@ -343,11 +343,7 @@ def stable_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def total_samples(sources: Sequence[Source]) -> int:
-    return sum(s.num_samples for s in sources)
-
-
 __all__ = [
     "MANIFEST_NAME", "Shard", "Source", "split_source_list", "read_manifest", "resolve_source", "load_sources",
-    "sample_key", "count_tar_samples", "iter_shard", "stable_seed", "total_samples",
+    "sample_key", "count_tar_samples", "iter_shard", "stable_seed",
 ]

@@ -253,7 +253,8 @@ def _synthetic_shards(out: Path, n: int, seed: int) -> str:
     return str(out / "shards" / "train")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform fallbacks elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -301,7 +302,7 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
             ours, ours_cpu_jitter, ref = timed["ours"], timed["ours_cpu_jitter"], timed["reference_style"]
             ours.update(_time_ours_stages(raws, image_size, target, seed))
             result: dict[str, Any] = {
-                "device": "cpu", "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": 1,
+                "device": "cpu", "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": 1,
                 "torch": torch.__version__, "shards": shards, "image_size": list(image_size),
                 "target_size": list(target), "batch_size": batch_size, "num_samples": ours["samples"],
                 "stored_image_size": list(decode_sample(raws[0]).size),

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from rock_dist.perf.data_bench import cpu_name
+
 SECTION_TITLES = {
     "data": "data pipeline (samples/s per worker, 1 thread)",
     "step": "training step, in-memory batch (img/s)",
@@ -25,7 +27,7 @@ SECTION_TITLES = {
 def device_info(device: torch.device) -> dict[str, Any]:
     """What ran the benchmark: device name, memory, versions, CPU, threads."""
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                            "cpu": _cpu_name(), "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads()}
+                            "cpu": cpu_name(), "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, device_memory_gib=round(props.total_memory / 2**30, 1),
@@ -34,17 +36,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
     else:
         info["device_name"] = f"CPU: {info['cpu']} ({info['cpu_count']} cores)"
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_count() -> int:
