@@ -405,6 +405,10 @@ class RoomsConfig:
     height: int = opt("Image height (NYU: 480).", 480)
     width: int = opt("Image width (NYU: 640).", 640)
     images_per_scene: int = opt("Views per scene instance (NYU has about 3).", 3)
+    train_fraction: float = opt("Fraction of the scene instances in the training split (NYU: 795 of 1449 images).",
+                                0.55)
+    class_tint: float = opt("Blend every object of a detection class toward that class's own colour, 0 (natural "
+                            "colours, many classes wooden) to 1 (one colour per class).", 0.0)
     scene_types: tuple[str, ...] = opt("Scene types to render (empty: all of bedroom bathroom kitchen living_room "
                                        "office dining_room classroom).", ())
     normals_as_tgz: bool = opt("Write normals_gt.tgz instead of a normals_gt folder.", False)
@@ -424,11 +428,15 @@ class QuickstartConfig:
                        "quickstart")
     nyuv2_dir: str = opt("Use real NYUv2 from this directory (nyu_depth_v2_labeled.mat, splits.mat, normals_gt/ "
                          "or normals_gt.tgz, optional val_split.txt) instead of synthetic rooms.", "")
-    num_images: int = opt("Synthetic rooms to render.", 480)
+    num_images: int = opt("Synthetic rooms to render.", 960)
     render_size: tuple[int, int] = opt("Size of the rendered rooms as HEIGHT WIDTH.", (120, 160))
-    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH.", (128, 160))
+    class_tint: float = opt("Colour tint of the rooms' object classes (see python -m rock_dist.data.rooms --help): "
+                            "a from-scratch detector tells tinted classes apart within the CPU budget.", 0.8)
+    train_fraction: float = opt("Fraction of the rooms' scenes used for training (the rest is the test set).", 0.75)
+    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH. Below about 240x320 the SSD's coarsest "
+                                      "maps leave most objects without a prior at IoU 0.5.", (240, 320))
     backbone: Literal["resnet18", "resnet34", "resnet50"] = opt("Backbone of the small configuration.", "resnet18")
-    num_iters: int = opt("Optimizer steps.", 600)
+    num_iters: int = opt("Optimizer steps.", 650)
     batch_size: int = opt("Images per process per step.", 8)
     lr: float = opt("Adam learning rate (higher than the reference's: no pretrained weights here).", 1e-3)
     num_processes: int = opt("Training processes (0: one per GPU, or 1 on CPU).", 0)

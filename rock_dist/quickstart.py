@@ -109,8 +109,11 @@ def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards:
     h, w = cfg.image_size
     # No pretrained weights here, so the backbone's BatchNorms must learn their statistics (frozen initial ones
     # would leave the trunk unnormalised); real NYUv2 runs with ImageNet weights keep the reference's frozen BN.
+    # From scratch, the reference's all-priors confidence loss separates objects from background sooner than hard
+    # negative mining, whose 3 negatives per positive are mostly near misses of the same object (rooms, 500
+    # iterations: AP@.5 5.2 % → 6.3 %, objects' mean background probability 0.75 → 0.33).
     model_flags = ["--backbone", cfg.backbone, "--pretrained", "none", "--backbone_bn", "train",
-                   "--image_size", str(h), str(w)]
+                   "--image_size", str(h), str(w), "--use_all_priors_conf_loss", *_cpu_speed_flags()]
     if no_rock:
         model_flags.append("--no_rock")
     env = {"ACCELERATE_USE_CPU": "1"} if cfg.num_processes > 1 and not _has_cuda() else None
@@ -128,6 +131,16 @@ def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards:
     _run(f"evaluate {name}", [sys.executable, "-m", "rock_dist.evaluate", str(weights), "--test_path",
                               str(shards / "test"), "--coco_json_save_path", str(eval_dir), *eval_flags])
     return RunOutputs(name, weights, checkpoints, eval_dir / "metrics.json", tensorboard, seconds)
+
+
+def _cpu_speed_flags() -> list[str]:
+    """bf16 autocast + channels_last when training runs on a CPU with AMX (2.6x faster there, README); the train
+    command's own defaults otherwise (bf16 on GPUs, fp32 on other CPUs, where bf16 is no faster)."""
+    from rock_dist.perf.recipes import amx_available
+
+    if _has_cuda() or not amx_available():
+        return []
+    return ["--mixed_precision", "bf16", "--channels_last", "yes"]
 
 
 def _has_cuda() -> bool:
@@ -169,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rh, rw = cfg.render_size
         _run("render synthetic rooms", [sys.executable, "-m", "rock_dist.data.rooms", "--out", str(rooms),
                                         "--num_images", str(cfg.num_images), "--seed", str(cfg.seed),
-                                        "--height", str(rh), "--width", str(rw)])
+                                        "--height", str(rh), "--width", str(rw), "--class_tint", str(cfg.class_tint),
+                                        "--train_fraction", str(cfg.train_fraction)])
         files = _official_files(rooms)
 
     shards = work / "shards"

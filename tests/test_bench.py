@@ -133,6 +133,20 @@ def test_ladder_goes_from_reference_to_fast_one_change_at_a_time() -> None:
     assert cuda_fast.channels_last and cuda_fast.compile and cuda_fast.fused_adam and cuda_fast.batch_size == 32
 
 
+def test_cpu_fast_recipe_uses_bf16_only_with_amx(monkeypatch) -> None:
+    import rock_dist.perf.recipes as recipes
+
+    assert isinstance(recipes.amx_available(), bool)  # the real probe answers on any machine, never raises
+    monkeypatch.setattr(recipes, "bf16_supported", lambda device: True)
+    for amx in (True, False):
+        monkeypatch.setattr(recipes, "amx_available", lambda amx=amx: amx)
+        fast = recipes.fast_recipe("cpu")
+        assert (fast.precision, fast.channels_last) == (("bf16", True) if amx else ("fp32", False))
+        assert not fast.compile and fast.batch_size == 8
+        rows = recipes.ladder("cpu")
+        assert any(r.name == "+bf16" for r in rows) == amx
+
+
 def test_inference_recipe_bn_fold_and_channels_last_keep_outputs() -> None:
     plain, fast = _twin_models()
     plain.eval()

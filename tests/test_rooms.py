@@ -15,7 +15,8 @@ from rock_dist.data.nyuv2 import NYUv2Official, class_lookup_table, derive_boxes
 from rock_dist.data.rooms import default_min_object_pixels, main, make_rooms_dataset, render_view, room_names
 from rock_dist.data.rooms_geometry import (FACE_NEG_X, FACE_NEG_Z, FACE_POS_Z, Box, Camera, Intrinsics,
                                            camera_rotation, cast_room)
-from rock_dist.data.rooms_scenes import (NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES, SCENE_CLASSES, build_room,
+from rock_dist.data.rooms_scenes import (CLASS_SIGNATURES, NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES, SCENE_CLASSES,
+                                        build_room,
                                          sample_camera)
 from rock_dist.data.synthetic import load_ground_truth
 from rock_dist.errors import ConfigError
@@ -209,6 +210,51 @@ def test_dataset_is_deterministic_under_the_seed(tmp_path) -> None:
     for k in range(6):
         name = f"{k:04d}.png"
         assert (a.normals_path / "normals" / name).read_bytes() == (b.normals_path / "normals" / name).read_bytes()
+
+
+def test_class_tint_recolours_objects_without_moving_anything(tmp_path) -> None:
+    natural = make_rooms_dataset(tmp_path / "natural", 6, seed=3, height=48, width=64)
+    tinted = make_rooms_dataset(tmp_path / "tinted", 6, seed=3, height=48, width=64, class_tint=1.0)
+    a, b = _read_arrays(natural.dataset_path), _read_arrays(tinted.dataset_path)
+    for key in ("depths", "labels", "instances"):  # same rooms, same views: the tint draws nothing from the RNG
+        np.testing.assert_array_equal(a[key], b[key])
+    assert load_ground_truth(natural.ground_truth_path) == load_ground_truth(tinted.ground_truth_path)
+    class_of_pixel = class_lookup_table(NYU_LABEL_IDS)[a["labels"]]
+    on_objects = class_of_pixel > 0  # h5py layout: N x W x H, images N x 3 x W x H
+    assert on_objects.any()
+    rgb_a, rgb_b = a["images"].astype(np.int16), b["images"].astype(np.int16)
+    changed = np.abs(rgb_a - rgb_b).max(axis=1) > 8
+    assert changed[on_objects].mean() > 0.8  # objects take their class colour ...
+    assert changed[a["labels"] == NYU_WALL].mean() < 0.05  # ... walls keep theirs (lighting aside)
+    # Fully tinted, each class's pixels lean toward its own signature hue: the mean colour of a class's pixels is
+    # closer to its signature than to any other class's.
+    for cls in np.unique(class_of_pixel[on_objects]):
+        mask = class_of_pixel == cls
+        mean = rgb_b.transpose(0, 2, 3, 1)[mask].mean(axis=0) / 255.0
+        name = CLASS_NAMES[int(cls) - 1]
+        signatures = np.array(list(CLASS_SIGNATURES.values()))
+        cosine = signatures @ mean / (np.linalg.norm(signatures, axis=1) * np.linalg.norm(mean))
+        assert list(CLASS_SIGNATURES)[int(np.argmax(cosine))] == name or cosine.max() - cosine[
+            list(CLASS_SIGNATURES).index(name)] < 0.02, name
+
+
+def test_class_signatures_are_distinct() -> None:
+    colours = np.array([CLASS_SIGNATURES[name] for name in CLASS_NAMES])
+    assert colours.shape == (19, 3)
+    distances = np.linalg.norm(colours[:, None] - colours[None], axis=2) + np.eye(19) * 9
+    assert distances.min() > 0.1
+
+
+def test_train_fraction_sets_the_split(tmp_path) -> None:
+    small = make_rooms_dataset(tmp_path / "a", 30, seed=1, height=24, width=32, train_fraction=0.3)
+    large = make_rooms_dataset(tmp_path / "b", 30, seed=1, height=24, width=32, train_fraction=0.8)
+    n_small = scipy.io.loadmat(small.splits_path)["trainNdxs"].size
+    n_large = scipy.io.loadmat(large.splits_path)["trainNdxs"].size
+    assert n_small == 9 and n_large == 24  # 10 scenes of 3 views: 3 and 8 training scenes
+    with pytest.raises(ConfigError, match="train_fraction"):
+        make_rooms_dataset(tmp_path / "c", 4, seed=1, height=24, width=32, train_fraction=1.0)
+    with pytest.raises(ConfigError, match="class_tint"):
+        make_rooms_dataset(tmp_path / "d", 4, seed=1, height=24, width=32, class_tint=1.5)
 
 
 def test_official_layout_reads_back(tmp_path) -> None:

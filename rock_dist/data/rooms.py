@@ -479,14 +479,16 @@ def _split_scenes(scene_types: list[str], rng: np.random.Generator, train_fracti
 def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, height: int = 480, width: int = 640, *,
                        scene_types: Sequence[str] = ROOM_SCENE_TYPES, images_per_scene: int = 3,
                        train_fraction: float = 0.55, val_fraction: float = 0.15,
-                       min_object_pixels: int | None = None, normals_as_tgz: bool = False,
+                       min_object_pixels: int | None = None, normals_as_tgz: bool = False, class_tint: float = 0.0,
                        progress: Callable[[int, int], None] | None = None) -> OfficialPaths:
     """Render `n` synthetic room images and write them in the official NYUv2 layout under `out_dir`.
 
     Scene instances (`bedroom_0003`, ...) hold `images_per_scene` views each and are spread evenly over
     `scene_types`; train/test are split by scene instance (about `train_fraction` train, like NYU's 795/654) and
     `val_fraction` of the training scenes are listed in val_split.txt (NYU's 122 of 795). Everything depends only
-    on `seed` (and the arguments). Also writes `ground_truth.json` (boxes, labels, scene, split per image).
+    on `seed` (and the arguments). `class_tint` blends each class toward its own colour (`rooms_scenes.tint_objects`;
+    the layouts and views do not change with it). Also writes `ground_truth.json` (boxes, labels, scene, split per
+    image).
     `progress(done, n)` is called after each image.
     """
     if n < 2:
@@ -494,7 +496,11 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     if height < 16 or width < 16:
         raise ConfigError(f"--height/--width {height}x{width}: images must be at least 16x16")
     if images_per_scene < 1:
-        raise ConfigError(f"images_per_scene {images_per_scene}: must be at least 1")
+        raise ConfigError(f"--images_per_scene {images_per_scene}: must be at least 1")
+    if not 0.0 < train_fraction < 1.0:
+        raise ConfigError(f"--train_fraction {train_fraction}: must be between 0 and 1 (exclusive)")
+    if not 0.0 <= class_tint <= 1.0:
+        raise ConfigError(f"--class_tint {class_tint}: must be between 0 and 1")
     unknown = [t for t in scene_types if t not in SCENE_CLASSES]
     if unknown or not scene_types:
         raise ConfigError(f"scene types {unknown or '(none)'}: choose from {', '.join(ROOM_SCENE_TYPES)}")
@@ -519,7 +525,7 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     for k, (t, count) in enumerate(zip(types, views_per_scene)):
         # Each scene instance has its own stream, so a room looks the same whatever else is generated.
         rng = np.random.default_rng([seed, k, 0x200])
-        room = build_room(t, rng)
+        room = build_room(t, rng, class_tint=class_tint)
         for view in render_scene_views(room, count, intr, rng, min_object_pixels=min_object_pixels):
             images[i], depths[i], raw_depths[i] = view.image, view.depth, view.raw_depth
             labels[i], instances[i] = view.labels, view.instances
@@ -560,8 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     paths = make_rooms_dataset(cfg.out, cfg.num_images, cfg.seed, cfg.height, cfg.width,
                                scene_types=tuple(cfg.scene_types) or ROOM_SCENE_TYPES,
-                               images_per_scene=cfg.images_per_scene, normals_as_tgz=cfg.normals_as_tgz,
-                               progress=progress)
+                               images_per_scene=cfg.images_per_scene, train_fraction=cfg.train_fraction,
+                               normals_as_tgz=cfg.normals_as_tgz, class_tint=cfg.class_tint, progress=progress)
     # One `flag value` line per file: the arguments of `python -m rock_dist.shards build`.
     print(f"dataset_path {paths.dataset_path}")
     print(f"splits_path {paths.splits_path}")

@@ -13,13 +13,15 @@ Used by `rock_dist.data.rooms`, which renders a `Room` from `sample_camera` pose
 
 from __future__ import annotations
 
+import colorsys
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from rock_dist.data.constants import NYU_LABEL_IDS
+from rock_dist.data.constants import CLASS_NAMES, NYU_LABEL_IDS
 from rock_dist.data.rooms_geometry import Box, Camera, Intrinsics, camera_rotation, rot_z
 
 # NYU label ids of the room shell and of the distractors (positions in the official `names` list, 1-based).
@@ -165,6 +167,38 @@ PLASTICS = [(0.25, 0.25, 0.27), (0.55, 0.56, 0.58), (0.2, 0.35, 0.6), (0.25, 0.5
 CHAIRS = [(0.1, 0.1, 0.11), (0.5, 0.12, 0.1), (0.5, 0.33, 0.18), (0.3, 0.36, 0.45)]
 WHITE_CERAMIC = (0.93, 0.93, 0.91)
 
+
+
+def _signature_colours() -> dict[str, tuple[float, float, float]]:
+    """One colour per detection class: hues spread round the colour wheel by the golden angle (neighbouring
+    classes in the list land far apart), alternating bright and deep so no two classes are close."""
+    colours: dict[str, tuple[float, float, float]] = {}
+    for k, name in enumerate(CLASS_NAMES):
+        hue = (k * 0.618034) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.9 if k % 2 == 0 else 0.55)
+        colours[name] = (r, g, b)
+    return colours
+
+
+CLASS_SIGNATURES: dict[str, tuple[float, float, float]] = _signature_colours()
+
+
+def tint_objects(objects: list[SceneObject], strength: float) -> None:
+    """Blend every surface of each detection-class object toward its class's signature colour, in place.
+
+    `strength` 0 keeps the natural (mostly wooden, often shared) colours; 1 paints each class in its own colour.
+    Texture patterns stay, so shape and pattern still carry the class too. The quickstart uses a partial tint: a
+    detector trained from scratch for a few CPU minutes cannot yet tell a wooden desk from a wooden table by shape.
+    """
+    if strength <= 0:
+        return
+    for obj in objects:
+        signature = CLASS_SIGNATURES.get(obj.name) if obj.is_class else None
+        if signature is None:
+            continue
+        for part in obj.parts:
+            colour = tuple(float((1 - strength) * c + strength * t) for c, t in zip(part.material.color, signature))
+            part.material = dataclasses.replace(part.material, color=colour)  # type: ignore[arg-type]
 
 # ---------------------------------------------------------------------------------------------------- catalogue
 def _p(x: float, y: float, z0: float, sx: float, sy: float, sz: float, mat: Material) -> Part:
@@ -743,8 +777,9 @@ _FINISHES: dict[str, tuple[str, list[tuple[float, float, float]], str, list[tupl
 }
 
 
-def build_room(scene_type: str, rng: np.random.Generator) -> Room:
-    """A furnished room of `scene_type` (one of ROOM_SCENE_TYPES), random under `rng`."""
+def build_room(scene_type: str, rng: np.random.Generator, *, class_tint: float = 0.0) -> Room:
+    """A furnished room of `scene_type` (one of ROOM_SCENE_TYPES), random under `rng`; `class_tint` as in
+    `tint_objects` (it draws nothing from `rng`, so the layout is the same at any tint)."""
     if scene_type not in _RECIPES:
         raise ValueError(f"no room recipe for scene type {scene_type!r}; known: {', '.join(ROOM_SCENE_TYPES)}")
     (x0, x1), (y0, y1) = _ROOM_SIZES[scene_type]
@@ -765,6 +800,7 @@ def build_room(scene_type: str, rng: np.random.Generator) -> Room:
     for obj in lay.objects:
         if obj.is_class and obj.name not in SCENE_CLASSES[scene_type]:
             raise AssertionError(f"recipe {scene_type} placed {obj.name}, outside SCENE_CLASSES")
+    tint_objects(lay.objects, class_tint)
     wall_tex, wall_cols, floor_tex, floor_cols = _FINISHES[scene_type]
     wall = Material(_jit(rng, _pick(rng, wall_cols), 0.04), wall_tex, accent=(0.75, 0.75, 0.75))
     floor = Material(_jit(rng, _pick(rng, floor_cols), 0.05), floor_tex, accent=(0.3, 0.3, 0.3))

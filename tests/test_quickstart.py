@@ -1,0 +1,44 @@
+"""The quickstart's own decisions: launcher layout, CPU speed flags, NYUv2 file checks (the full run is the README's
+main command; its learning is covered by test_learning.py on the same public commands)."""
+
+from __future__ import annotations
+
+import pytest
+
+import rock_dist.perf.recipes as recipes
+from rock_dist import quickstart
+from rock_dist.config import QuickstartConfig, parse_config
+from rock_dist.errors import ConfigError
+
+
+def test_bf16_flags_only_on_a_cpu_with_amx(monkeypatch) -> None:
+    for cuda, amx, expected in ((False, True, ["--mixed_precision", "bf16", "--channels_last", "yes"]),
+                                (False, False, []), (True, True, [])):
+        monkeypatch.setattr(quickstart, "_has_cuda", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(recipes, "amx_available", lambda amx=amx: amx)
+        assert quickstart._cpu_speed_flags() == expected
+
+
+def test_cpu_layouts_start_the_requested_processes() -> None:
+    one = quickstart._layout(gpus=0, num_processes=0)
+    assert one[:2] == ["--cpu", "--num_machines"] and one[one.index("--num_processes") + 1] == "1"
+    two = quickstart._layout(gpus=0, num_processes=2)
+    # SPEC §8: `--cpu --num_processes 2` starts one process, so two CPU processes go through --multi_gpu + --cpu.
+    assert two[0] == "--multi_gpu" and two[two.index("--num_processes") + 1] == "2" and two[-1] == "--cpu"
+    gpus = quickstart._layout(gpus=4, num_processes=0)
+    assert gpus[0] == "--multi_gpu" and gpus[gpus.index("--num_processes") + 1] == "4"
+
+
+def test_missing_nyuv2_files_are_named(tmp_path) -> None:
+    (tmp_path / "splits.mat").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        quickstart._official_files(tmp_path)
+    message = str(err.value)
+    assert "nyu_depth_v2_labeled.mat" in message and "normals_gt" in message and "splits.mat" not in message
+
+
+def test_defaults_render_tinted_rooms_and_train_at_240x320() -> None:
+    cfg = parse_config(QuickstartConfig, [])
+    assert cfg.image_size == (240, 320) and 0 < cfg.class_tint <= 1 and 0 < cfg.train_fraction < 1
+    with pytest.raises(SystemExit):
+        parse_config(QuickstartConfig, ["--class_tint", "x"])
