@@ -136,6 +136,9 @@ class TrainConfig:
                                  "weights, which departs from the reference recipe).", False)
     dist_timeout: int = opt("Seconds a collective may wait for the other ranks before failing (instead of "
                             "hanging).", 1800)
+    auto_batch_size: bool = opt("Replace --batch_size by the largest per-process batch that fits on the GPU (90 %% "
+                                "of the measured maximum, the smallest over all ranks; a resumed run keeps its "
+                                "checkpoint's batch). CUDA only. The learning rate is not rescaled.", False)
 
 
 # ------------------------------------------------------------------------------------------------- evaluate/detect
@@ -364,6 +367,8 @@ class ShardsBuildConfig:
     image_format: Literal["jpg", "png"] = opt("Encoding of the RGB member (png is lossless, about 3x larger).",
                                               "jpg")
     jpeg_quality: int = opt("JPEG quality of rgb.jpg.", 95)
+    aux_format: Literal["png", "npy"] = opt("Encoding of depth, normals and mask: png (compact) or npy (the same "
+                                            "values uncompressed, about 3x larger, faster to read).", "png")
     overwrite: bool = opt("Replace an output directory that holds a different dataset.", False)
     no_progress: bool = opt("No progress bar (for logs and CI).", False)
 
@@ -431,7 +436,7 @@ class QuickstartConfig:
     num_images: int = opt("Synthetic rooms to render.", 960)
     render_size: tuple[int, int] = opt("Size of the rendered rooms as HEIGHT WIDTH.", (120, 160))
     class_tint: float = opt("Colour tint of the rooms' object classes (see python -m rock_dist.data.rooms --help): "
-                            "a from-scratch detector tells tinted classes apart within the CPU budget.", 0.8)
+                            "a from-scratch detector tells tinted classes apart within the CPU budget.", 1.0)
     train_fraction: float = opt("Fraction of the rooms' scenes used for training (the rest is the test set).", 0.75)
     image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH. Below about 240x320 the SSD's coarsest "
                                       "maps leave most objects without a prior at IoU 0.5.", (240, 320))

@@ -38,7 +38,8 @@ from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import (MANIFEST_NAME, MODALITIES, Manifest, ShardInfo, load_manifest, sha256_file,
                                      source_entry)
 from rock_dist.data.nyuv2 import SPLIT_NAMES, TAR_ERRORS, NYUv2Official
-from rock_dist.data.shard_writer import KNOWN_EXTS, check_sample, encode_sample, sample_key, write_shard
+from rock_dist.data.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample, sample_key,
+                                        write_shard)
 from rock_dist.errors import ConfigError, DataError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -57,6 +58,7 @@ class _Task:
     key_prefix: str
     image_format: str
     jpeg_quality: int
+    aux_format: str
 
 
 @dataclass
@@ -78,10 +80,11 @@ def _write_task(task: _Task, reader: NYUv2Official, tick: Callable[[str, int], N
         for i in task.indices:
             sample = reader.read(i, normals=False)
             members = encode_sample(sample, pairs.get(i), key=sample_key(task.key_prefix, i),
-                                    image_format=task.image_format, jpeg_quality=task.jpeg_quality)
+                                    image_format=task.image_format, jpeg_quality=task.jpeg_quality,
+                                    aux_format=task.aux_format)
             counts["rgb"] += 1
-            counts["depth"] += "depth.png" in members
-            counts["normals"] += "normals.png" in members
+            counts["depth"] += any(e in members for e in DEPTH_EXTS)
+            counts["normals"] += any(e in members for e in NORMALS_EXTS)
             counts["scene"] += "scene.cls" in members
             tick(task.split, 1)
             yield sample_key(task.key_prefix, i), members
@@ -234,7 +237,7 @@ def build_shards(cfg: ShardsBuildConfig) -> dict[str, Manifest]:
         for k, start in enumerate(range(0, len(indices), cfg.samples_per_shard)):
             tasks.append(_Task(split, k, tuple(indices[start:start + cfg.samples_per_shard]),
                                str(tmp_root / split / SHARD_PATTERN.format(k)), cfg.dataset_name, cfg.image_format,
-                               cfg.jpeg_quality))
+                               cfg.jpeg_quality, cfg.aux_format))
     workers = _resolve_workers(cfg.num_workers, len(tasks))
     results: list[_Result] = []
     try:
@@ -399,8 +402,8 @@ def verify_split(manifest: Manifest, *, decode: bool = True) -> list[str]:
                 tail = key.rsplit("_", 1)[-1]
                 if tail.isdigit():
                     image_ids.append(int(tail))
-                modalities = {m for m, ext in (("rgb", "json"), ("depth", "depth.png"), ("normals", "normals.png"),
-                                               ("scene", "scene.cls")) if ext in members}
+                modalities = {m for m, exts in (("rgb", ("json",)), ("depth", DEPTH_EXTS), ("normals", NORMALS_EXTS),
+                                                ("scene", ("scene.cls",))) if any(e in members for e in exts)}
             for m in modalities:
                 counts[m] += 1
         if n != shard.num_samples:

@@ -91,6 +91,9 @@ def test_bench_quick_runs_every_section_and_writes_json(shard_dir: Path, tmp_pat
             assert value > 0 and value == value, (name, row)
             if name != "data":
                 assert row["peak_gpu_mib"] is None and row["rss_mib"] > 0  # CPU: RSS instead of GPU peak
+    data = {r["recipe"]: r for r in sections["data"]["rows"]}
+    assert "fast, npy aux" in data  # the PNG shards were also read as --aux_format npy copies, same samples
+    assert sections["data"]["result"]["ours_npy"]["decode_ms"] > 0
     step = {r["recipe"]: r for r in sections["step"]["rows"]}
     assert step["reference"]["config"]["precision"] == "fp32" and step["reference"]["batch_size"] == 8
     assert not step["reference"]["config"]["device_matching"] and not step["reference"]["config"]["fused_adam"]

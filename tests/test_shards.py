@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -35,6 +36,16 @@ def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
             key, _, ext = info.name.partition(".")
             samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
     return samples
+
+
+def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """Rewrite a shard from {key: {ext: bytes}} (for tests that break members on purpose)."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 def _split_samples(split_dir: Path) -> dict[str, dict[str, bytes]]:
@@ -137,6 +148,39 @@ def test_png_rgb_is_lossless_and_tgz_normals_give_identical_shards(nyu_files, tm
     assert _shard_hashes(tgz_out) == _shard_hashes(out)
 
 
+def test_npy_aux_members_decode_exactly_like_png(nyu_files, shard_dir: Path, tmp_path: Path) -> None:
+    from rock_dist.data.transforms import decode_sample
+
+    out = tmp_path / "npy"
+    assert main(nyu_files.build_argv(out, "--aux_format", "npy")) == 0
+    assert verify(out)[0] == []
+    for split in ("train", "val", "test"):
+        assert load_manifest(out / split).modalities == load_manifest(shard_dir / split).modalities
+        png, npy = _split_samples(shard_dir / split), _split_samples(out / split)
+        assert png.keys() == npy.keys()
+        for key in png:
+            assert {e for e in npy[key] if e.endswith(".npy")} <= {"depth.npy", "normals.npy", "mask.npy"}
+            assert not any(e.endswith(".png") and e != "rgb.png" for e in npy[key])
+            a = decode_sample({"__key__": key, **png[key]})
+            b = decode_sample({"__key__": key, **npy[key]})
+            for field in ("image", "depth_mm", "normals", "normals_mask"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert (x is None) == (y is None), field
+                if x is not None:
+                    assert x.dtype == y.dtype and torch.equal(x, y), (key, field)
+    # A broken .npy member is named by verify and by the reader.
+    split = out / "test"
+    manifest = json.loads((split / "manifest.json").read_text())
+    shard = split / manifest["shards"][0]["name"]
+    samples = _read_tar(shard)
+    key = next(k for k, m in samples.items() if "depth.npy" in m)
+    samples[key]["depth.npy"] = samples[key]["depth.npy"][:60]
+    _write_tar(shard, samples)
+    assert any(f"{key}.depth.npy: does not load as .npy" in p for p in verify(split)[0])
+    with pytest.raises(DataError, match="cannot decode"):
+        decode_sample({"__key__": key, **samples[key]})
+
+
 def test_missing_modalities_are_absent_members(partial_shard_dir: Path, partial_nyu_files) -> None:
     assert sorted(p.name for p in partial_shard_dir.iterdir()) == ["test", "train"]
     for split in ("train", "test"):
@@ -217,12 +261,7 @@ def test_verify_decodes_every_member(shard_dir: Path, tmp_path: Path) -> None:
     meta["labels"][0] = 20  # not a class id
     samples[keys[-1]]["json"] = json.dumps(meta).encode()
     samples[keys[-1]]["scene.cls"] = b"27"
-    with tarfile.open(shard, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    _write_tar(shard, samples)
     manifest["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
     manifest["shards"][0]["bytes"] = shard.stat().st_size
     (split / "manifest.json").write_text(json.dumps(manifest))

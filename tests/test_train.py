@@ -236,6 +236,25 @@ def test_runtime_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_runtime(parse_config(TrainConfig, ["--cpu"])).cpu
 
 
+def test_auto_batch_size_refuses_cpu_and_keeps_a_resumed_batch(shard_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="--auto_batch_size.*CUDA"):
+        Trainer(make_cfg(shard_dir, tmp_path, "--auto_batch_size", "--num_iters", "1"))
+    # With a device where the search applies, the probe's answer replaces --batch_size; a resumed run keeps the
+    # checkpoint's batch instead of probing again (its data position then stays exact).
+    import rock_dist.perf.memory as memory
+
+    monkeypatch.setattr(memory, "max_batch_not_applicable", lambda device: None)
+    monkeypatch.setattr(memory, "auto_train_batch_size", lambda *a, **k: 4)
+    trainer = Trainer(make_cfg(shard_dir, tmp_path, "--auto_batch_size", "--num_iters", "1"))
+    assert trainer.cfg.data.batch_size == 4 and trainer.global_batch == 4
+    trainer.fit()
+    monkeypatch.setattr(memory, "auto_train_batch_size", lambda *a, **k: 6)
+    resumed = Trainer(make_cfg(shard_dir, tmp_path, "--auto_batch_size", "--num_iters", "2", "--checkpoint_path",
+                               str(tmp_path / "ckpt")))
+    assert resumed.cfg.data.batch_size == 4
+
+
 # -------------------------------------------------------------------------------------------------- input checks
 def test_batch_of_one_is_refused(shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -7,6 +7,9 @@ them:
 - `rgb.jpg` (JPEG quality 95) or `rgb.png`
 - `depth.png`   16-bit grayscale PNG of round(depth_m * 1000) millimetres (0 = no reading)
 - `normals.png` 8-bit RGB, n = v / 127.5 - 1; `mask.png` 8-bit gray 0/255 (present iff normals.png)
+- or, with `aux_format="npy"`, the same values uncompressed as `depth.npy` (uint16, 1 x H x W), `normals.npy`
+  (uint8, 3 x H x W) and `mask.npy` (uint8, 1 x H x W): about 3x larger, but read without PNG decoding (the
+  reader's largest per-sample cost after the JPEG)
 - `scene.cls`   ascii scene id 0..26
 - `json`        {"image_id", "height", "width", "scene_type", "scene_name", "boxes" (inclusive xyxy), "labels"}
 
@@ -28,10 +31,19 @@ from PIL import Image, UnidentifiedImageError
 
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import ShardInfo, sha256_file
+from rock_dist.data.npy_member import encode_npy, read_npy
 from rock_dist.data.nyuv2 import NormalPair, NYUSample, decode_png
 
 RGB_EXTS = ("rgb.jpg", "rgb.png")
-KNOWN_EXTS = frozenset(RGB_EXTS + ("depth.png", "normals.png", "mask.png", "scene.cls", "json"))
+DEPTH_EXTS = ("depth.png", "depth.npy")
+NORMALS_EXTS = ("normals.png", "normals.npy")
+MASK_EXTS = ("mask.png", "mask.npy")
+AUX_FORMATS = ("png", "npy")
+KNOWN_EXTS = frozenset(RGB_EXTS + DEPTH_EXTS + NORMALS_EXTS + MASK_EXTS + ("scene.cls", "json"))
+# Per npy member: dtype and channel count of the C x H x W array (the layout the reader's tensors have).
+NPY_LAYOUT: dict[str, tuple[np.dtype, int]] = {"depth.npy": (np.dtype(np.uint16), 1),
+                                               "normals.npy": (np.dtype(np.uint8), 3),
+                                               "mask.npy": (np.dtype(np.uint8), 1)}
 MAX_DEPTH_MM = np.iinfo(np.uint16).max
 
 
@@ -46,11 +58,16 @@ def _encode(array: np.ndarray, fmt: str, **params: Any) -> bytes:
     return buf.getvalue()
 
 
-def encode_depth_png(depth_m: np.ndarray) -> bytes:
-    """(H, W) metres -> 16-bit PNG of millimetres; non-finite or negative readings become 0 (no reading)."""
+def depth_millimetres(depth_m: np.ndarray) -> np.ndarray:
+    """(H, W) metres -> uint16 millimetres; non-finite or negative readings become 0 (no reading)."""
     mm = np.where(np.isfinite(depth_m) & (depth_m > 0), np.rint(depth_m * 1000.0), 0.0)
+    return np.clip(mm, 0, MAX_DEPTH_MM).astype(np.uint16)
+
+
+def encode_depth_png(depth_m: np.ndarray) -> bytes:
+    """(H, W) metres -> 16-bit PNG of millimetres (`depth_millimetres`)."""
     # compress_level 1: depth maps are large and noisy, higher levels cost several times more for a few % smaller.
-    return _encode(np.clip(mm, 0, MAX_DEPTH_MM).astype(np.uint16), "PNG", compress_level=1)
+    return _encode(depth_millimetres(depth_m), "PNG", compress_level=1)
 
 
 def _is_plain_png(data: bytes, colour_type: int) -> bool:
@@ -60,8 +77,10 @@ def _is_plain_png(data: bytes, colour_type: int) -> bool:
 
 
 def encode_sample(sample: NYUSample, pair: NormalPair | None, *, key: str, image_format: str = "jpg",
-                  jpeg_quality: int = 95) -> dict[str, bytes]:
+                  jpeg_quality: int = 95, aux_format: str = "png") -> dict[str, bytes]:
     """The tar members of one sample, as {ext: bytes} in writing order."""
+    if aux_format not in AUX_FORMATS:
+        raise ValueError(f"aux_format must be one of {AUX_FORMATS}, not {aux_format!r}")
     height, width = sample.height, sample.width
     members: dict[str, bytes] = {}
     if image_format == "jpg":
@@ -71,11 +90,16 @@ def encode_sample(sample: NYUSample, pair: NormalPair | None, *, key: str, image
     else:
         raise ValueError(f"image_format must be 'jpg' or 'png', not {image_format!r}")
     if sample.depth is not None:
-        members["depth.png"] = encode_depth_png(sample.depth)
+        members["depth." + aux_format] = (encode_depth_png(sample.depth) if aux_format == "png"
+                                          else encode_npy(depth_millimetres(sample.depth)[None]))
     if pair is not None:
         # Decoding validates both files (DataError naming the file if unreadable or of the wrong size).
         normals_u8 = decode_png(pair.normals_png, pair.normals_name, mode="RGB", size=(height, width))
         mask_raw = decode_png(pair.mask_png, pair.mask_name, mode="L", size=(height, width))
+    if pair is not None and aux_format == "npy":
+        members["normals.npy"] = encode_npy(normals_u8.transpose(2, 0, 1))
+        members["mask.npy"] = encode_npy(np.where(mask_raw > 0, 255, 0).astype(np.uint8)[None])
+    elif pair is not None:
         # The official PNGs are already in the shard encoding: keep them byte-exact unless they need normalising.
         members["normals.png"] = (pair.normals_png if _is_plain_png(pair.normals_png, 2)
                                   else _encode(normals_u8, "PNG"))
@@ -197,12 +221,37 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
             return False
         return True
 
-    if "depth.png" in members and check_png("depth.png", ("I;16", "I;16B", "I")):
+    def check_npy(ext: str) -> bool:
+        dtype, channels = NPY_LAYOUT[ext]
+        try:
+            array = read_npy(members[ext])
+        except ValueError as err:
+            bad(ext, f"does not load as .npy ({err})")
+            return False
+        expected = (channels, size[1], size[0]) if size is not None else None
+        if array.dtype != dtype or array.ndim != 3 or array.shape[0] != channels or \
+                (expected is not None and array.shape != expected):
+            bad(ext, f"{array.dtype} array of shape {array.shape}, expected {dtype} of shape "
+                     f"{expected or (channels, 'H', 'W')}")
+            return False
+        return True
+
+    def check_aux(ext: str, png_modes: tuple[str, ...]) -> bool:
+        return check_npy(ext) if ext.endswith(".npy") else check_png(ext, png_modes)
+
+    depth = [e for e in DEPTH_EXTS if e in members]
+    normals = [e for e in NORMALS_EXTS if e in members]
+    masks = [e for e in MASK_EXTS if e in members]
+    for found in (depth, normals, masks):
+        if len(found) > 1:
+            problems.append(f"{key}: both {' and '.join(found)}; keep one")
+    if len(depth) == 1 and check_aux(depth[0], ("I;16", "I;16B", "I")):
         facts["modalities"].add("depth")
-    if ("normals.png" in members) != ("mask.png" in members):
-        problems.append(f"{key}: normals.png and mask.png must be present together")
-    elif "normals.png" in members:
-        if check_png("normals.png", ("RGB",)) & check_png("mask.png", ("L",)):
+    if bool(normals) != bool(masks):
+        problems.append(f"{key}: normals and mask members must be present together "
+                        f"(found {', '.join(normals + masks)})")
+    elif len(normals) == 1 and len(masks) == 1:
+        if check_aux(normals[0], ("RGB",)) & check_aux(masks[0], ("L",)):
             facts["modalities"].add("normals")
     if "scene.cls" in members:
         text = members["scene.cls"].decode("ascii", "replace").strip()
@@ -216,5 +265,6 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
     return facts, problems
 
 
-__all__ = ["encode_sample", "encode_depth_png", "write_shard", "check_sample", "sample_key", "KNOWN_EXTS",
-           "RGB_EXTS"]
+__all__ = ["encode_sample", "encode_depth_png", "depth_millimetres", "write_shard", "check_sample",
+           "sample_key", "KNOWN_EXTS", "RGB_EXTS", "DEPTH_EXTS", "NORMALS_EXTS", "MASK_EXTS", "AUX_FORMATS",
+           "NPY_LAYOUT"]

@@ -53,17 +53,19 @@ Auxiliary targets at (h, w), nearest sampling at pixel centres of the (cropped, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
+from rock_dist.data.npy_member import read_npy
 from rock_dist.errors import DataError
 
 Size = tuple[int, int]
@@ -119,18 +121,54 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+@contextlib.contextmanager
+def _quiet_torchvision_io() -> Iterator[None]:
+    """torchvision 0.29 marks torchvision.io's decoders deprecated in favour of TorchCodec (not part of our pinned
+    stack); they work and are the fastest decoders here, but warn on every call. Scoped, so that test runners (which
+    reset warning filters) stay quiet too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
+
+
+# Per auxiliary member: its PNG read mode, and the dtype and channels of its C x H x W tensor.
+_AUX_DECODING: dict[str, tuple[ImageReadMode, torch.dtype, int]] = {
+    "depth": (ImageReadMode.UNCHANGED, torch.uint16, 1),
+    "normals": (ImageReadMode.RGB, torch.uint8, 3),
+    "mask": (ImageReadMode.GRAY, torch.uint8, 1),
+}
+
+
+def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | None:
+    """The C x H x W tensor of auxiliary member `name` ('depth', 'normals', 'mask') stored as .png or .npy (the
+    shard builder's --aux_format); None when the sample has neither. DataError on the wrong dtype or channels."""
+    mode, dtype, channels = _AUX_DECODING[name]
+    if f"{name}.npy" in raw:
+        if f"{name}.png" in raw:
+            raise DataError(f"{loc}: both {name}.png and {name}.npy; a sample holds one of them")
+        tensor = torch.from_numpy(read_npy(bytes(raw[f"{name}.npy"])))
+        member = f"{name}.npy"
+    elif f"{name}.png" in raw:
+        with _quiet_torchvision_io():
+            tensor = decode_png(_bytes_tensor(raw[f"{name}.png"]), mode=mode)
+        member = f"{name}.png"
+    else:
+        return None
+    if tensor.dtype != dtype or tensor.ndim != 3 or tensor.shape[0] != channels:
+        kind = {"depth": "16-bit single-channel (millimetres)", "normals": "8-bit RGB",
+                "mask": "8-bit single-channel"}[name]
+        raise DataError(f"{loc}: {member} must be {kind}, got {tensor.dtype} of shape {tuple(tensor.shape)}")
+    return tensor
+
+
 def decode_sample(raw: Mapping[str, Any], *, where: str = "") -> DecodedSample:
     """Decode the members of one WebDataset sample (contract §2) into a `DecodedSample`.
 
     `raw` maps member suffixes ('rgb.jpg', 'depth.png', 'json', ...) to bytes, plus '__key__'. `where` names the
     shard for error messages. Absent optional members become None / -1; malformed members raise DataError.
     """
-    # torchvision 0.29 marks torchvision.io's decoders deprecated in favour of TorchCodec (not part of our pinned
-    # stack); they work and are the fastest decoders here, but warn on every call. Scoped, so that test runners
-    # (which reset warning filters) stay quiet too.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
+    with _quiet_torchvision_io():
         return _decode_sample(raw, where)
 
 
@@ -161,19 +199,12 @@ def _decode_sample(raw: Mapping[str, Any], where: str) -> DecodedSample:
             raise DataError(f"{loc}: class labels must be >= 1 (0 is background), got {labels.tolist()}")
         boxes = boxes_px / torch.tensor([W, H, W, H], dtype=torch.float32)
 
-        depth = None
-        if "depth.png" in raw:
-            depth = decode_png(_bytes_tensor(raw["depth.png"]), mode=ImageReadMode.UNCHANGED)
-            if depth.dtype != torch.uint16 or depth.shape[0] != 1:
-                raise DataError(f"{loc}: depth.png must be a 16-bit grayscale PNG (millimetres), got "
-                                f"{depth.dtype} with {depth.shape[0]} channel(s)")
-        normals = mask = None
-        if ("normals.png" in raw) != ("mask.png" in raw):
-            raise DataError(f"{loc}: normals.png and mask.png must be present together")
-        if "normals.png" in raw:
-            normals = decode_png(_bytes_tensor(raw["normals.png"]), mode=ImageReadMode.RGB)
-            mask = decode_png(_bytes_tensor(raw["mask.png"]), mode=ImageReadMode.GRAY)
-        for name, t in (("depth.png", depth), ("normals.png", normals), ("mask.png", mask)):
+        depth = aux_member(raw, "depth", loc)
+        normals = aux_member(raw, "normals", loc)
+        mask = aux_member(raw, "mask", loc)
+        if (normals is None) != (mask is None):
+            raise DataError(f"{loc}: the normals and mask members must be present together")
+        for name, t in (("depth", depth), ("normals", normals), ("mask", mask)):
             if t is not None and tuple(t.shape[1:]) != (H, W):
                 raise DataError(f"{loc}: {name} is {t.shape[1]}x{t.shape[2]}, image is {H}x{W}")
         scene = -1
@@ -522,7 +553,7 @@ class EvalTransform:
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "Geometry", "sample_ssd_crop", "crop_boxes",
-    "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter", "color_jitter",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "aux_member", "Geometry", "sample_ssd_crop",
+    "crop_boxes", "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter", "color_jitter",
     "TrainTransform", "EvalTransform",
 ]

@@ -135,6 +135,9 @@ class Trainer:
         self.resume_data = ckpt.read_checkpoint(resume_path) if resume_path is not None else None
         if self.resume_data is not None:
             self._check_resume_compatible(resume_path)
+        if cfg.auto_batch_size:
+            cfg = self.cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                               batch_size=self._auto_batch_size()))
 
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
         seed_everything(cfg.seed)
@@ -173,6 +176,24 @@ class Trainer:
         self._stream: Any = None
         self._iter: Iterator[Mapping[str, torch.Tensor]] | None = None
         self._eval_loader: Any = None
+
+    def _auto_batch_size(self) -> int:
+        """`--auto_batch_size`: the checkpoint's batch when resuming (the data position stays exact), else the
+        largest batch that fits on this GPU times 0.9 (perf.memory), minimised over the ranks so that all agree."""
+        from rock_dist.perf.memory import auto_train_batch_size, max_batch_not_applicable
+
+        reason = max_batch_not_applicable(self.device)
+        if reason is not None:
+            raise ConfigError(f"--auto_batch_size: {reason}")
+        if self.resume_data is not None and self.resume_data.get("batch_size"):
+            return int(self.resume_data["batch_size"])
+        found = auto_train_batch_size(self.model_config, self.cfg.loss, self.runtime, self.device)
+        agreed = int(self.accelerator.reduce(torch.tensor([found], device=self.device), reduction="min").item()) \
+            if self.world_size > 1 else found
+        if self.is_main:
+            print(f"--auto_batch_size: {agreed} images per process (largest that fits x 0.9, minimum over "
+                  f"{self.world_size} process(es))", flush=True)
+        return agreed
 
     # ------------------------------------------------------------------------------------------------ resuming
     def _check_resume_compatible(self, path: Path | None) -> None:

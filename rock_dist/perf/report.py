@@ -59,6 +59,11 @@ def data_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                                        f"ms + augment {ours.get('augment_ms', float('nan')):.1f} ms per sample)",
          "batch_size": result.get("batch_size"), "samples_per_s": ours["samples_per_s"]},
     ]
+    if "ours_npy" in result:
+        npy = result["ours_npy"]
+        rows.append({"recipe": "fast, npy aux", "describe": f"rock_dist shard reader on --aux_format npy shards "
+                     f"(decode {npy.get('decode_ms', float('nan')):.1f} ms per sample)",
+                     "batch_size": result.get("batch_size"), "samples_per_s": npy["samples_per_s"]})
     if "loader" in result:
         ld = result["loader"]
         rows.append({"recipe": "fast (DataLoader)", "describe": f"rock_dist DataLoader, {ld['workers']} worker "
@@ -172,6 +177,9 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
         r = data["result"]
         items.append({"name": "data: shard reader vs reference-style, per core",
                       "value": f"{r['speedup_per_core']:.2f}x", "target": ">= 3x (CPU)"})
+        if "speedup_per_core_npy" in r:
+            items.append({"name": "data: shard reader on npy aux shards, per core",
+                          "value": f"{r['speedup_per_core_npy']:.2f}x", "target": ">= 3x (CPU)"})
     for name in ("step", "e2e"):
         rows = sections.get(name, {}).get("rows", [])
         ref, fast = _find(rows, "reference"), _find(rows, "fast")
