@@ -10,6 +10,10 @@ import io
 
 import numpy as np
 
+# The auxiliary members' C x H x W layout, whatever their encoding (PNG or .npy): element type name (the same in
+# numpy and torch) and channel count. The writer's checks and the reader's both use it.
+AUX_LAYOUT: dict[str, tuple[str, int]] = {"depth": ("uint16", 1), "normals": ("uint8", 3), "mask": ("uint8", 1)}
+
 
 def encode_npy(array: np.ndarray) -> bytes:
     """The .npy file of `array` (C order), as bytes."""
@@ -26,4 +30,4 @@ def read_npy(data: bytes) -> np.ndarray:
         raise ValueError(str(err) or type(err).__name__) from None
 
 
-__all__ = ["encode_npy", "read_npy"]
+__all__ = ["AUX_LAYOUT", "encode_npy", "read_npy"]

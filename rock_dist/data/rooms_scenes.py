@@ -168,7 +168,6 @@ CHAIRS = [(0.1, 0.1, 0.11), (0.5, 0.12, 0.1), (0.5, 0.33, 0.18), (0.3, 0.36, 0.4
 WHITE_CERAMIC = (0.93, 0.93, 0.91)
 
 
-
 def _signature_colours() -> dict[str, tuple[float, float, float]]:
     """One colour per detection class: hues spread round the colour wheel by the golden angle (neighbouring
     classes in the list land far apart), alternating bright and deep so no two classes are close."""
@@ -187,7 +186,7 @@ def tint_objects(objects: list[SceneObject], strength: float) -> None:
     """Blend every surface of each detection-class object toward its class's signature colour, in place.
 
     `strength` 0 keeps the natural (mostly wooden, often shared) colours; 1 paints each class in its own colour.
-    Texture patterns stay, so shape and pattern still carry the class too. The quickstart uses a partial tint: a
+    Texture patterns stay, so shape and pattern still carry the class too. The quickstart uses the full tint: a
     detector trained from scratch for a few CPU minutes cannot yet tell a wooden desk from a wooden table by shape.
     """
     if strength <= 0:
@@ -199,6 +198,7 @@ def tint_objects(objects: list[SceneObject], strength: float) -> None:
         for part in obj.parts:
             colour = tuple(float((1 - strength) * c + strength * t) for c, t in zip(part.material.color, signature))
             part.material = dataclasses.replace(part.material, color=colour)  # type: ignore[arg-type]
+
 
 # ---------------------------------------------------------------------------------------------------- catalogue
 def _p(x: float, y: float, z0: float, sx: float, sy: float, sz: float, mat: Material) -> Part:

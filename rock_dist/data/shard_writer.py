@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import ShardInfo, sha256_file
-from rock_dist.data.npy_member import encode_npy, read_npy
+from rock_dist.data.npy_member import AUX_LAYOUT, encode_npy, read_npy
 from rock_dist.data.nyuv2 import NormalPair, NYUSample, decode_png
 
 RGB_EXTS = ("rgb.jpg", "rgb.png")
@@ -40,10 +40,6 @@ NORMALS_EXTS = ("normals.png", "normals.npy")
 MASK_EXTS = ("mask.png", "mask.npy")
 AUX_FORMATS = ("png", "npy")
 KNOWN_EXTS = frozenset(RGB_EXTS + DEPTH_EXTS + NORMALS_EXTS + MASK_EXTS + ("scene.cls", "json"))
-# Per npy member: dtype and channel count of the C x H x W array (the layout the reader's tensors have).
-NPY_LAYOUT: dict[str, tuple[np.dtype, int]] = {"depth.npy": (np.dtype(np.uint16), 1),
-                                               "normals.npy": (np.dtype(np.uint8), 3),
-                                               "mask.npy": (np.dtype(np.uint8), 1)}
 MAX_DEPTH_MM = np.iinfo(np.uint16).max
 
 
@@ -222,7 +218,8 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
         return True
 
     def check_npy(ext: str) -> bool:
-        dtype, channels = NPY_LAYOUT[ext]
+        type_name, channels = AUX_LAYOUT[ext.split(".")[0]]
+        dtype = np.dtype(type_name)
         try:
             array = read_npy(members[ext])
         except ValueError as err:
@@ -266,5 +263,4 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
 
 
 __all__ = ["encode_sample", "encode_depth_png", "depth_millimetres", "write_shard", "check_sample",
-           "sample_key", "KNOWN_EXTS", "RGB_EXTS", "DEPTH_EXTS", "NORMALS_EXTS", "MASK_EXTS", "AUX_FORMATS",
-           "NPY_LAYOUT"]
+           "sample_key", "KNOWN_EXTS", "RGB_EXTS", "DEPTH_EXTS", "NORMALS_EXTS", "MASK_EXTS", "AUX_FORMATS"]

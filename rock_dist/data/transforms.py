@@ -65,7 +65,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-from rock_dist.data.npy_member import read_npy
+from rock_dist.data.npy_member import AUX_LAYOUT, read_npy
 from rock_dist.errors import DataError
 
 Size = tuple[int, int]
@@ -132,18 +132,16 @@ def _quiet_torchvision_io() -> Iterator[None]:
         yield
 
 
-# Per auxiliary member: its PNG read mode, and the dtype and channels of its C x H x W tensor.
-_AUX_DECODING: dict[str, tuple[ImageReadMode, torch.dtype, int]] = {
-    "depth": (ImageReadMode.UNCHANGED, torch.uint16, 1),
-    "normals": (ImageReadMode.RGB, torch.uint8, 3),
-    "mask": (ImageReadMode.GRAY, torch.uint8, 1),
-}
+# PNG read mode per auxiliary member (its tensor layout is npy_member.AUX_LAYOUT).
+_PNG_MODE: dict[str, ImageReadMode] = {"depth": ImageReadMode.UNCHANGED, "normals": ImageReadMode.RGB,
+                                       "mask": ImageReadMode.GRAY}
 
 
 def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | None:
     """The C x H x W tensor of auxiliary member `name` ('depth', 'normals', 'mask') stored as .png or .npy (the
     shard builder's --aux_format); None when the sample has neither. DataError on the wrong dtype or channels."""
-    mode, dtype, channels = _AUX_DECODING[name]
+    type_name, channels = AUX_LAYOUT[name]
+    dtype = getattr(torch, type_name)
     if f"{name}.npy" in raw:
         if f"{name}.png" in raw:
             raise DataError(f"{loc}: both {name}.png and {name}.npy; a sample holds one of them")
@@ -151,7 +149,7 @@ def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | No
         member = f"{name}.npy"
     elif f"{name}.png" in raw:
         with _quiet_torchvision_io():
-            tensor = decode_png(_bytes_tensor(raw[f"{name}.png"]), mode=mode)
+            tensor = decode_png(_bytes_tensor(raw[f"{name}.png"]), mode=_PNG_MODE[name])
         member = f"{name}.png"
     else:
         return None
@@ -554,6 +552,6 @@ class EvalTransform:
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "aux_member", "Geometry", "sample_ssd_crop",
-    "crop_boxes", "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter", "color_jitter",
-    "TrainTransform", "EvalTransform",
+    "crop_boxes", "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter",
+    "color_jitter", "TrainTransform", "EvalTransform",
 ]

@@ -354,7 +354,8 @@ def apply_inference_recipe(model: nn.Module, recipe: Recipe, device: torch.devic
 
 
 __all__ = [
-    "Recipe", "REFERENCE_BATCH", "FAST_GPU_BATCH", "bf16_supported", "amx_available", "reference_recipe", "fast_recipe", "ladder",
+    "Recipe", "REFERENCE_BATCH", "FAST_GPU_BATCH", "bf16_supported", "amx_available", "reference_recipe",
+    "fast_recipe", "ladder",
     "training_recipe", "set_cudnn_benchmark", "prepare_model_for_training", "make_optimizer", "maybe_compile",
     "autocast_for", "match_per_image_on_cpu", "ReferenceMatchingCriterion", "PrematchedCriterion", "Applied",
     "apply_recipe", "apply_inference_recipe", "fused_adam_available",
