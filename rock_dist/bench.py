@@ -23,6 +23,11 @@ report states the backbone, input size and batch sizes it used.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help before the heavy imports below
+    from rock_dist.cli import answer_help_early
+
+    answer_help_early("BenchConfig", prog="python -m rock_dist.bench")
+
 import dataclasses
 import sys
 import tempfile

@@ -80,8 +80,9 @@ class DataConfig:
 
     train_path: str = opt("Training shards: a split directory with manifest.json, a brace pattern, 'pipe:' "
                           "commands, or several sources as SRC[:WEIGHT],SRC[:WEIGHT].", "shards/nyuv2/train")
-    val_path: str = opt("Validation shards (split directory). Empty string disables validation.",
-                        "shards/nyuv2/test")
+    val_path: str = opt("Validation shards (split directory). 'auto': the val/ split beside a --train_path "
+                        "directory when it exists, else none (never the test split: selecting the best model on "
+                        "test data would bias the test result). Empty string disables validation.", "auto")
     batch_size: int = opt("Images per process per micro-batch (>= 2: BatchNorm needs it).", 8)
     num_workers: int = opt("Data-loader worker processes per rank (-1: automatic).", -1)
     force_crops: bool = opt("Always apply the SSD random crop (never the 'no crop' option).", False)
@@ -110,6 +111,10 @@ class TrainConfig:
     scheduler_milestones: tuple[int, ...] = opt("Global iterations at which the LR is multiplied by gamma.",
                                                 (25000,))
     scheduler_gamma: float = opt("LR decay factor at each milestone.", 0.1)
+    lr_schedule: Literal["step", "linear"] = opt("LR schedule: 'step' multiplies by --scheduler_gamma at each "
+                                                 "milestone (the reference); 'linear' decays linearly to zero at "
+                                                 "--num_iters (the milestones are then unused).", "step")
+    warmup_iters: int = opt("Linear LR warmup over this many first iterations (0: none).", 0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("Autocast precision; 'auto' = bf16 on GPUs "
                                                                  "that support it, else no.", "auto")
     gradient_accumulation_steps: int = opt("Micro-batches per optimizer step.", 1)
@@ -316,6 +321,8 @@ def validate(config: Any) -> None:
             raise ValueError("--gradient_accumulation_steps must be at least 1")
         if list(config.scheduler_milestones) != sorted(config.scheduler_milestones):
             raise ValueError("--scheduler_milestones must be increasing")
+        if config.warmup_iters < 0:
+            raise ValueError(f"--warmup_iters {config.warmup_iters}: must be 0 or more")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -438,12 +445,25 @@ class QuickstartConfig:
     class_tint: float = opt("Colour tint of the rooms' object classes (see python -m rock_dist.data.rooms --help): "
                             "a from-scratch detector tells tinted classes apart within the CPU budget.", 1.0)
     train_fraction: float = opt("Fraction of the rooms' scenes used for training (the rest is the test set).", 0.75)
-    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH. Below about 240x320 the SSD's coarsest "
-                                      "maps leave most objects without a prior at IoU 0.5.", (240, 320))
+    time_budget: float = opt("End-to-end budget in seconds: the quickstart times a training step on this machine "
+                             "and picks the input size and the number of iterations that fit (it prints what it "
+                             "chose and why). Ignored with --num_iters.", 540.0)
+    num_iters: int = opt("Optimizer steps, exactly (0: as many as --time_budget allows). With --num_iters the "
+                         "run is reproducible: input size and batch are the flags below, not measured.", 0)
+    image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH (0 0: chosen by the time budget; with "
+                                      "--num_iters, 240 320). Below about 240x320 the SSD's coarsest maps leave "
+                                      "more objects without a prior at IoU 0.5.", (0, 0))
     backbone: Literal["resnet18", "resnet34", "resnet50"] = opt("Backbone of the small configuration.", "resnet18")
-    num_iters: int = opt("Optimizer steps.", 650)
-    batch_size: int = opt("Images per process per step.", 8)
+    batch_size: int = opt("Images per process per step (0: the chosen tier's, 8).", 0)
     lr: float = opt("Adam learning rate (higher than the reference's: no pretrained weights here).", 1e-3)
+    lr_schedule: Literal["step", "linear"] = opt("LR schedule of the training run (see rock_dist.train --help): "
+                                                 "'step' drops it 10x at 80 %% of the iterations.", "step")
+    warmup_iters: int = opt("Linear LR warmup iterations of the training run.", 0)
+    color_jitter: Literal["none", "device", "cpu"] = opt(
+        "Colour jitter of the training run. 'none' by default: the class tint gives each class its own hue, 12-32 "
+        "degrees from its neighbours, and the reference's hue jitter (+-18 degrees) would blur exactly that.",
+        "none")
+    retune: bool = opt("Measure the step time again instead of using this machine's cached autotune.", False)
     num_processes: int = opt("Training processes (0: one per GPU, or 1 on CPU).", 0)
     no_rock: bool = opt("Train the baseline SSD instead of ROCK.", False)
     compare: bool = opt("Train the baseline SSD and ROCK with the same budget and print a comparison table.", False)
@@ -451,6 +471,27 @@ class QuickstartConfig:
 
 
 __all__ += ["QuickstartConfig"]
+
+
+# ------------------------------------------------------------------------------------------------------- data bench
+@dataclass
+class DataBenchConfig:
+    """Flags of `python -m rock_dist.perf.data_bench`."""
+
+    shards: str = opt("Training shards (split directory or any source string). Empty: render synthetic 480x640 "
+                      "rooms into a temporary directory first.", "")
+    num_samples: int = opt("Samples timed per pipeline (after a warm-up of one batch).", 200)
+    rounds: int = opt("The pipelines are timed alternately in this many chunks (fair under changing load).", 4)
+    batch_size: int = opt("Batch size of both pipelines.", 8)
+    image_size: tuple[int, int] = opt("Network input HEIGHT WIDTH.", (480, 640))
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = opt(
+        "Backbone whose first feature map sets the aux target size.", "resnet50")
+    loader_workers: int = opt("Also time our DataLoader with this many worker processes (0: skip).", 0)
+    seed: int = opt("Seed of both pipelines.", 0)
+    json: str = opt("Write the result JSON here (empty: stdout only).", "")
+
+
+__all__ += ["DataBenchConfig"]
 
 
 # ------------------------------------------------------------------------------------------------------------ bench

@@ -15,6 +15,11 @@ reference's timer was not synchronised and left decoding out).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help before the heavy imports below
+    from rock_dist.cli import answer_help_early
+
+    answer_help_early("DetectConfig", description=__doc__.splitlines()[0])
+
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -12,10 +12,13 @@ stores its architecture, so --no_rock / --aux_tasks only serve as a check that t
 
 from __future__ import annotations
 
-import contextlib
-import functools
+if __name__ == "__main__":  # answer --help before the heavy imports below
+    from rock_dist.cli import answer_help_early
+
+    answer_help_early("EvaluateConfig", description=__doc__.splitlines()[0])
+
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -81,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rock_dist.engine.checkpoint import load_model
     from rock_dist.model.fuse import fold_all_batchnorm
     from rock_dist.engine.distributed import check_world_size
+    from rock_dist.engine.console import EvalProgress
     from rock_dist.engine.evaluation import evaluate, metrics_renderables
     from rock_dist.model.priors import feature_map_sizes
 
@@ -116,21 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"input {image_size[0]}x{image_size[1]}) on {manifest.num_samples} images of {cfg.test_path} "
                   f"with {accelerator.num_processes} process(es) on {accelerator.device}")
 
-    progress_bar: Any = None
-    progress_cb: Callable[[int], None] | None = None
-    # Only the main process draws a bar, over its own share (ranks get about equal shares, so it tracks the whole).
-    if not cfg.no_verbose and accelerator.is_main_process and console.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress_bar = Progress(TextColumn("evaluating (main process's share)"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=True)
-        task = progress_bar.add_task("eval", total=getattr(loader, "num_samples", None))
-        progress_cb = functools.partial(progress_bar.advance, task)
-
-    with progress_bar if progress_bar is not None else contextlib.nullcontext():
+    progress = EvalProgress("evaluating", getattr(loader, "num_samples", None),
+                            enabled=not cfg.no_verbose and accelerator.is_main_process)
+    with progress:
         metrics = evaluate(model, loader, accelerator, loss_config=LossConfig(), out_dir=cfg.coco_json_save_path,
                            show_all_cats=cfg.show_all_cats, class_names=class_names, backend=cfg.coco_backend,
-                           progress=progress_cb, expected_images=manifest.num_samples)
+                           progress=progress.advance, expected_images=manifest.num_samples)
 
     if accelerator.is_main_process:
         for renderable in metrics_renderables(metrics, class_names):

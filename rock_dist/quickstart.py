@@ -1,7 +1,8 @@
 """The README's main command: the whole system on an embedded default, in minutes on a laptop CPU.
 
 `python -m rock_dist.quickstart` renders learnable synthetic rooms in the official NYUv2 layout (or takes real
-NYUv2 files with `--nyuv2_dir`), shards them with the real builder, trains a small ROCK configuration through
+NYUv2 files with `--nyuv2_dir`), shards them with the real builder, times a training step on this machine and sizes
+the run to `--time_budget` (`rock_dist.quickstart_plan`, `perf.autotune`), trains a small ROCK configuration through
 `accelerate launch -m rock_dist.train` (CPU or every GPU present), evaluates it with COCO metrics, exports the test
 images and draws detections on them, then prints where everything is. Each step runs the same command a user would
 type, in a subprocess, so the quickstart exercises exactly the public entry points. `--compare` trains the baseline
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +29,7 @@ from rock_dist.config import QuickstartConfig, parse_config
 from rock_dist.errors import ConfigError, RockError
 
 console = Console(highlight=False)
+_STEP_SECONDS: dict[str, float] = {}  # wall time of each step of this run, for the closing summary
 
 
 @dataclass
@@ -36,6 +38,16 @@ class OfficialFiles:
     splits: Path
     normals: Path
     val_split: Path | None
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What every trained configuration of this quickstart uses: input, batch, iterations, speed flags."""
+
+    image_size: tuple[int, int]
+    batch_size: int
+    num_iters: int
+    speed_flags: tuple[str, ...]
 
 
 @dataclass
@@ -59,7 +71,9 @@ def _run(step: str, args: Sequence[str], env: dict[str, str] | None = None) -> f
     if result.returncode != 0:
         raise RockError(f"quickstart step '{step}' failed with exit status {result.returncode} "
                         f"(command: {shlex.join(args)})")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    _STEP_SECONDS[step] = seconds
+    return seconds
 
 
 def _official_files(directory: Path) -> OfficialFiles:
@@ -101,12 +115,14 @@ def _layout(gpus: int, num_processes: int) -> list[str]:
     return [*multi, "--num_machines", "1", "--num_processes", str(n), "-m", "rock_dist.train"]
 
 
-def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards: Path, work: Path) -> RunOutputs:
+def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_rock: bool, shards: Path,
+                        work: Path) -> RunOutputs:
     run_dir = work / "runs" / name
     checkpoints = run_dir / "checkpoints"
     tensorboard = run_dir / "tensorboard"
     eval_dir = run_dir / "eval"
-    h, w = cfg.image_size
+    h, w = run.image_size
+    num_iters = run.num_iters
     # No pretrained weights here, so the backbone's BatchNorms must learn their statistics (frozen initial ones
     # would leave the trunk unnormalised); real NYUv2 runs with ImageNet weights keep the reference's frozen BN.
     # From scratch, the reference's all-priors confidence loss separates objects from background sooner than hard
@@ -115,17 +131,19 @@ def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards:
     # iterations are too few for the SSD crop's zoomed views to pay off (650 iterations: AP@.5 6.9 % → 10.3 %
     # without crops; flips and colour jitter stay).
     model_flags = ["--backbone", cfg.backbone, "--pretrained", "none", "--backbone_bn", "train",
-                   "--image_size", str(h), str(w), "--use_all_priors_conf_loss", "--no_crops", *_cpu_speed_flags()]
+                   "--image_size", str(h), str(w), "--use_all_priors_conf_loss", "--no_crops", "--color_jitter",
+                   cfg.color_jitter, *run.speed_flags]
     if no_rock:
         model_flags.append("--no_rock")
     env = {"ACCELERATE_USE_CPU": "1"} if cfg.num_processes > 1 and not _has_cuda() else None
     seconds = _run(f"train {name}", [
         *_launcher(cfg.num_processes), "--train_path", str(shards / "train"), "--val_path", str(shards / "val"),
-        *model_flags, "--num_iters", str(cfg.num_iters), "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr),
-        "--scheduler_milestones", str(int(cfg.num_iters * 0.8)), "--seed", str(cfg.seed),
+        *model_flags, "--num_iters", str(num_iters), "--batch_size", str(run.batch_size), "--lr", str(cfg.lr),
+        "--scheduler_milestones", str(max(int(num_iters * 0.8), 1)), "--lr_schedule", cfg.lr_schedule,
+        "--warmup_iters", str(cfg.warmup_iters), "--seed", str(cfg.seed),
         "--save_path", str(checkpoints), "--writer_path", str(tensorboard),
         "--coco_json_save_path", str(run_dir / "val_coco"), "--val_eval_freq", "0",
-        "--model_save_freq", str(max(cfg.num_iters // 2, 1)), "--image_to_tb_freq", str(max(cfg.num_iters // 3, 1)),
+        "--model_save_freq", str(max(num_iters // 2, 1)), "--image_to_tb_freq", str(max(num_iters // 3, 1)),
         "--train_eval_freq", "10",
     ], env)
     weights = checkpoints / "weights_final.pt"
@@ -135,14 +153,71 @@ def _train_and_evaluate(cfg: QuickstartConfig, name: str, no_rock: bool, shards:
     return RunOutputs(name, weights, checkpoints, eval_dir / "metrics.json", tensorboard, seconds)
 
 
-def _cpu_speed_flags() -> list[str]:
-    """bf16 autocast + channels_last when training runs on a CPU with AMX (2.6x faster there, README); the train
-    command's own defaults otherwise (bf16 on GPUs, fp32 on other CPUs, where bf16 is no faster)."""
-    from rock_dist.perf.recipes import amx_available
+def _tier_model_config(cfg: QuickstartConfig, image_size: tuple[int, int]) -> Any:
+    from rock_dist.config import ModelConfig
 
-    if _has_cuda() or not amx_available():
-        return []
-    return ["--mixed_precision", "bf16", "--channels_last", "yes"]
+    return ModelConfig(backbone=cfg.backbone, pretrained="none", backbone_bn="train", image_size=image_size,
+                       use_all_priors_conf_loss=True, no_rock=cfg.no_rock and not cfg.compare)
+
+
+def _autotune(cfg: QuickstartConfig, image_size: tuple[int, int], batch_size: int, only: Any = None) -> Any:
+    """The fastest precision / memory format for this tier on this machine, and its step time (cached). `only`:
+    time just these candidates (a cheaper tier after the first, whose ranking it inherits)."""
+    import torch
+
+    from rock_dist.config import LossConfig
+    from rock_dist.perf.autotune import autotune_training_step
+
+    device = torch.device("cuda" if _has_cuda() else "cpu")
+    console.print(f"timing a training step at {image_size[0]}x{image_size[1]}, batch {batch_size}, on {device}...",
+                  style="dim")
+    result = autotune_training_step(_tier_model_config(cfg, image_size), LossConfig(), batch_size, device,
+                                    refresh=cfg.retune, only=only, log=console.print)
+    timings = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in result.seconds.items())
+    console.print(f"  step times ({'cached' if result.cached else 'measured'}): {timings}; "
+                  f"fastest: {result.best.label}")
+    return result
+
+
+def _speed_flags(best: Any) -> tuple[str, ...]:
+    """The train flags of the autotune's fastest candidate on a CPU; on CUDA the train command's own defaults
+    (bf16, channels_last) are the fast path already."""
+    return () if _has_cuda() else tuple(best.train_flags())
+
+
+def resolve_run(cfg: QuickstartConfig, deadline: float, eval_images: int) -> ResolvedRun:
+    """Input size, batch and iterations: exactly the flags with --num_iters, else sized to the time budget."""
+    from rock_dist.quickstart_plan import TIERS, plan_training
+
+    if cfg.num_iters > 0:
+        size = tuple(cfg.image_size) if cfg.image_size != (0, 0) else TIERS[0].image_size
+        batch = cfg.batch_size or TIERS[0].batch_size
+        best = _autotune(cfg, size, batch).best
+        console.print(f"[bold]plan[/]: --num_iters {cfg.num_iters} at {size[0]}x{size[1]}, batch {batch}, "
+                      f"{best.label} (exact run; --time_budget not used)")
+        return ResolvedRun(size, batch, cfg.num_iters, _speed_flags(best))
+    tiers = TIERS
+    if cfg.image_size != (0, 0) or cfg.batch_size:
+        import dataclasses
+
+        base = next((t for t in TIERS if t.image_size == tuple(cfg.image_size)), TIERS[0])
+        tiers = (dataclasses.replace(base, name="requested", image_size=tuple(cfg.image_size) if
+                                     cfg.image_size != (0, 0) else base.image_size,
+                                     batch_size=cfg.batch_size or base.batch_size),)
+    tuned: dict[str, Any] = {}
+
+    def step_seconds(tier: Any) -> float:
+        # The precision / memory-format ranking is a property of the CPU: the best tier's winner is reused for
+        # the cheaper tiers, which are then timed with it alone.
+        first = next(iter(tuned.values()), None)
+        tuned[tier.name] = _autotune(cfg, tier.image_size, tier.batch_size, only=[first.best] if first else None)
+        return tuned[tier.name].best_seconds
+
+    plan = plan_training(tiers, step_seconds, deadline, eval_images=eval_images)
+    console.print(f"[bold]plan[/]: {plan.tier.name}, {plan.num_iters} iterations, {tuned[plan.tier.name].best.label}"
+                  f" — {plan.reason}")
+    return ResolvedRun(plan.tier.image_size, plan.tier.batch_size, plan.num_iters,
+                       _speed_flags(tuned[plan.tier.name].best))
 
 
 def _has_cuda() -> bool:
@@ -198,8 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (shards / "val").exists():
         raise ConfigError(f"{shards}: no val split was built; give val_split.txt next to the NYUv2 files")
 
+    from rock_dist.data.manifest import load_manifest
+
     variants = [("ssd", True), ("rock", False)] if cfg.compare else [("ssd" if cfg.no_rock else "rock", cfg.no_rock)]
-    runs = [_train_and_evaluate(cfg, name, no_rock, shards, work) for name, no_rock in variants]
+    # The budget covers one training; --compare trains each variant with the same plan (about twice the time).
+    eval_images = load_manifest(shards / "val").num_samples + 2 * load_manifest(shards / "test").num_samples
+    run = resolve_run(cfg, start + cfg.time_budget, eval_images)
+    runs = [_train_and_evaluate(cfg, run, name, no_rock, shards, work) for name, no_rock in variants]
     main_run = runs[-1]
 
     images = work / "test_images"
@@ -219,8 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.compare:
         console.print(_comparison_table(runs))
     m = _metrics(main_run.metrics)
+    total = time.perf_counter() - start
+    budget = "" if cfg.num_iters > 0 else f" (budget {cfg.time_budget:.0f} s)"
     console.print(f"test AP@[.5:.95] {100 * m['AP']:.1f}   AP@.5 {100 * m['AP50']:.1f}   "
-                  f"({m.get('num_images', '?')} images)   total {time.perf_counter() - start:.0f} s")
+                  f"({m.get('num_images', '?')} images)   total {total:.0f} s{budget}")
+    console.print("time per step: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in _STEP_SECONDS.items()))
     console.print(f"checkpoint   {main_run.weights}  (resumable checkpoints in {main_run.checkpoints})")
     console.print(f"metrics      {main_run.metrics}")
     console.print(f"tensorboard  tensorboard --logdir {main_run.tensorboard}")

@@ -14,16 +14,17 @@ from rock_dist.config import BenchConfig, LossConfig, ModelConfig, parse_config
 from rock_dist.errors import ConfigError
 from rock_dist.model.builder import build_model
 from rock_dist.perf.memory import find_max_batch_size, find_max_train_batch_size
+from numerics import EQUIVALENT_ATOL, EQUIVALENT_RTOL
 from rock_dist.perf.recipes import (apply_inference_recipe, fast_recipe, ladder, match_per_image_on_cpu,
                                     prepare_model_for_training, reference_recipe)
 
 SMALL = ModelConfig(backbone="resnet18", pretrained="none", image_size=(128, 160))
-# Folding BN into the convolutions only reorders fp32 arithmetic. In eval mode outputs of O(1-10) then agree to
-# ~1e-5. In train mode the ROCK/SSD BatchNorms normalise by batch statistics, which on the tiny last maps (1x1 with
-# 3 images: 3 values per channel) amplify those rounding differences: there we require the largest difference to be
-# below 0.1 % of the largest output (measured: ~0.02 %).
-FOLD_RTOL, FOLD_ATOL = 1e-4, 1e-4
-TRAIN_MODE_REL_TOL = 1e-3
+# Folding BN into the convolutions and channels_last only reorder the arithmetic, so the equivalence tests run in
+# float64 (tests/numerics.py derives the eval-mode tolerance). In train mode the ROCK/SSD BatchNorms normalise by
+# batch statistics, which on the tiny last maps (1x1 with 3 images: 3 values per channel) divide rounding
+# differences by a small standard deviation; even a 1e4 amplification of float64's ~1e-13 leaves the largest
+# difference below 1e-7 of the largest output, while a folding mistake shows at 1e-3 or more.
+TRAIN_MODE_REL_TOL = 1e-7
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def _one_thread():
 
 
 def _images(n: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, *SMALL.image_size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, 3, *SMALL.image_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def _randomise_batchnorm(model: torch.nn.Module) -> None:
@@ -59,10 +60,11 @@ def _twin_models() -> tuple[torch.nn.Module, torch.nn.Module]:
     _randomise_batchnorm(a)
     b = build_model(SMALL)
     b.load_state_dict(a.state_dict())
-    return a, b
+    return a.double(), b.double()
 
 
 # ---------------------------------------------------------------------------------------------- the command
+@pytest.mark.slow  # the whole bench command: CI runs it, `-m "not slow"` skips it
 def test_bench_quick_runs_every_section_and_writes_json(shard_dir: Path, tmp_path: Path) -> None:
     from rock_dist.bench import main
 
@@ -161,7 +163,7 @@ def test_inference_recipe_bn_fold_and_channels_last_keep_outputs() -> None:
         want, got = plain(x), applied.model(x.contiguous(memory_format=torch.channels_last))
     assert set(want) == set(got)
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=FOLD_RTOL, atol=FOLD_ATOL, msg=key)
+        torch.testing.assert_close(got[key], want[key], rtol=EQUIVALENT_RTOL, atol=EQUIVALENT_ATOL, msg=key)
 
 
 def test_training_recipe_keeps_train_mode_outputs_and_saves_unfolded_weights() -> None:
@@ -180,12 +182,13 @@ def test_training_recipe_keeps_train_mode_outputs_and_saves_unfolded_weights() -
         scale = float(want[key].abs().max())
         assert float((got[key] - want[key]).abs().max()) <= TRAIN_MODE_REL_TOL * scale, key
     # Weights saved through unfolded_state_dict load into an ordinary model and give the same function.
-    restored = build_model(SMALL)
+    restored = build_model(SMALL).double()
     restored.load_state_dict(unfolded_state_dict(model), strict=True)
     restored.eval()
     plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(restored(x)["conf"], plain(x)["conf"], rtol=FOLD_RTOL, atol=FOLD_ATOL)
+        torch.testing.assert_close(restored(x)["conf"], plain(x)["conf"], rtol=EQUIVALENT_RTOL,
+                                   atol=EQUIVALENT_ATOL)
 
 
 def test_per_image_cpu_matching_equals_batched_matching() -> None:
@@ -261,3 +264,23 @@ def test_find_max_batch_size_edges() -> None:
 def test_find_max_train_batch_size_refuses_cpu() -> None:
     with pytest.raises(ConfigError, match="CUDA"):
         find_max_train_batch_size(SMALL, LossConfig(), fast_recipe("cpu"), "cpu")
+
+
+def test_interleaved_timing_repeats_rounds_until_the_ratios_are_stable() -> None:
+    from rock_dist.perf.timing import measure_interleaved, ratio_spread
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name: str):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    # An unbounded target stops at the minimum number of rounds, an unreachable one (a negative spread) runs to the
+    # maximum: neither outcome depends on the machine's speed.
+    timings, ratios = measure_interleaved([fn("a"), fn("b")], "cpu", warmup=1, min_rounds=2, max_rounds=5, iters=3,
+                                          target_spread=float("inf"))
+    assert [len(t.window_s) for t in timings] == [2, 2] and calls == {"a": 1 + 2 * 3, "b": 1 + 2 * 3}
+    assert ratios[0] == [1.0, 1.0] and len(ratios[1]) == 2
+    timings, ratios = measure_interleaved([fn("a"), fn("b")], "cpu", warmup=0, min_rounds=2, max_rounds=5, iters=1,
+                                          target_spread=-1.0)
+    assert [len(t.window_s) for t in timings] == [5, 5] and len(ratios[1]) == 5
+    assert ratio_spread([2.0, 2.0, 2.0]) == 0.0 and ratio_spread([1.0, 2.0, 3.0]) == pytest.approx(1.0)

@@ -22,6 +22,8 @@ from rock_dist.engine.evaluation import (DETECTIONS_FILE, GROUND_TRUTH_FILE, MET
                                          compute_metrics, deduplicate)
 from rock_dist.engine.metrics import aggregate_aux_stats, aux_image_stats
 
+from numerics import HANG_GUARD_S
+
 
 def _record(image_id: int, gt: list[list[float]], gt_labels: list[int], det: list[list[float]] | None = None,
             scores: list[float] | None = None, det_labels: list[int] | None = None, height: int = 64,
@@ -386,6 +388,7 @@ def _comparable(path: Path) -> Any:
     return data
 
 
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
 def test_one_and_two_processes_give_identical_metrics(shard_dir: Path, tmp_path: Path) -> None:
     from rock_dist.engine.checkpoint import save_weights
     from rock_dist.model.builder import build_model
@@ -403,13 +406,13 @@ def test_one_and_two_processes_give_identical_metrics(shard_dir: Path, tmp_path:
     one, two = tmp_path / "one", tmp_path / "two"
     script = str(Path(__file__).resolve())
     single = subprocess.run([sys.executable, script, str(weights), str(split), str(one)], env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert single.returncode == 0, single.stderr[-3000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port()), script, str(weights), str(split), str(two)]
     double = subprocess.run(launch, env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=HANG_GUARD_S)
     assert double.returncode == 0, double.stderr[-3000:]
 
     manifest = json.loads((split / "manifest.json").read_text())

@@ -12,12 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rock_dist.config import ModelConfig
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.rooms import make_rooms_dataset
 from rock_dist.engine.checkpoint import save_weights
 from rock_dist.engine.runtime import seed_everything
 from rock_dist.model.builder import build_model
+
+from numerics import HANG_GUARD_S
 
 IMAGE_SIZE = ("96", "128")
 # No pretrained weights offline: the backbone's BatchNorms learn their statistics (see --backbone_bn).
@@ -26,7 +30,8 @@ MODEL_FLAGS = ["--backbone", "resnet18", "--pretrained", "none", "--backbone_bn"
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                            timeout=HANG_GUARD_S)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -37,6 +42,7 @@ def _ap50(weights: Path, test_split: Path, out: Path) -> float:
     return float(json.loads((out / "metrics.json").read_text())["AP50"])
 
 
+@pytest.mark.slow  # ~85 s on a fast CPU, minutes on a slow one: CI runs it, `-m "not slow"` skips it
 def test_training_on_rooms_raises_ap50_above_the_untrained_model(tmp_path: Path) -> None:
     files = make_rooms_dataset(tmp_path / "rooms", 160, seed=3, height=96, width=128)
     shards = tmp_path / "shards"

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-import rock_dist.perf.recipes as recipes
 from rock_dist import quickstart
 from rock_dist.config import QuickstartConfig, parse_config
 from rock_dist.errors import ConfigError
 
 
-def test_bf16_flags_only_on_a_cpu_with_amx(monkeypatch) -> None:
-    for cuda, amx, expected in ((False, True, ["--mixed_precision", "bf16", "--channels_last", "yes"]),
-                                (False, False, []), (True, True, [])):
-        monkeypatch.setattr(quickstart, "_has_cuda", lambda cuda=cuda: cuda)
-        monkeypatch.setattr(recipes, "amx_available", lambda amx=amx: amx)
-        assert quickstart._cpu_speed_flags() == expected
+def test_speed_flags_follow_the_autotune_on_a_cpu_and_the_train_defaults_on_cuda(monkeypatch) -> None:
+    from rock_dist.perf.autotune import StepCandidate
+
+    best = StepCandidate("bf16", True)
+    monkeypatch.setattr(quickstart, "_has_cuda", lambda: False)
+    assert quickstart._speed_flags(best) == ("--mixed_precision", "bf16", "--channels_last", "yes")
+    assert quickstart._speed_flags(StepCandidate("fp32", False)) == ("--mixed_precision", "no", "--channels_last",
+                                                                      "no")
+    monkeypatch.setattr(quickstart, "_has_cuda", lambda: True)
+    assert quickstart._speed_flags(best) == ()
 
 
 def test_cpu_layouts_start_the_requested_processes() -> None:
@@ -37,8 +40,9 @@ def test_missing_nyuv2_files_are_named(tmp_path) -> None:
     assert "nyu_depth_v2_labeled.mat" in message and "normals_gt" in message and "splits.mat" not in message
 
 
-def test_defaults_render_tinted_rooms_and_train_at_240x320() -> None:
+def test_defaults_render_tinted_rooms_and_size_the_run_to_a_budget() -> None:
     cfg = parse_config(QuickstartConfig, [])
-    assert cfg.image_size == (240, 320) and 0 < cfg.class_tint <= 1 and 0 < cfg.train_fraction < 1
+    assert 0 < cfg.class_tint <= 1 and 0 < cfg.train_fraction < 1
+    assert cfg.num_iters == 0 and cfg.image_size == (0, 0) and 0 < cfg.time_budget <= 600  # the README's 10 minutes
     with pytest.raises(SystemExit):
         parse_config(QuickstartConfig, ["--class_tint", "x"])

@@ -24,6 +24,8 @@ from rock_dist.data.synthetic import make_random_dataset
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.shards import main, verify
 
+from numerics import HANG_GUARD_S
+
 from conftest import PARTIAL_MISSING_SCENE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +59,7 @@ def _split_samples(split_dir: Path) -> dict[str, dict[str, bytes]]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rock_dist.shards", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_GUARD_S)
 
 
 def _shard_hashes(out: Path) -> dict[str, list[str]]:

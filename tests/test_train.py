@@ -25,6 +25,8 @@ from rock_dist.engine.runtime import resolve_runtime
 from rock_dist.engine.trainer import Trainer, train
 from rock_dist.errors import ConfigError, DataError
 
+from numerics import HANG_GUARD_S
+
 SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--num_workers", "0",
          "--no_verbose"]
 
@@ -363,12 +365,12 @@ def test_ctrl_c_leaves_complete_checkpoints(shard_dir: Path, tmp_path: Path) -> 
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + HANG_GUARD_S
         while len(ckpt.periodic_checkpoints(save)) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert len(ckpt.periodic_checkpoints(save)) >= 2, proc.communicate(timeout=5)
         proc.send_signal(signal.SIGINT)  # lands while the next iterations and checkpoint writes go on
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -377,3 +379,24 @@ def test_ctrl_c_leaves_complete_checkpoints(shard_dir: Path, tmp_path: Path) -> 
     assert left and not [p for p in save.iterdir() if p.name.startswith(".")]
     for step, path in left:
         assert ckpt.read_checkpoint(path)["step"] == step
+
+
+# -------------------------------------------------------------------------------------------------- flags reach
+def test_val_path_auto_takes_the_sibling_val_split_and_never_the_test_split(shard_dir: Path, tmp_path: Path) -> None:
+    from rock_dist.engine.trainer import resolve_val_path
+
+    assert resolve_val_path("auto", str(shard_dir / "train")) == str(shard_dir / "val")
+    assert resolve_val_path("auto", str(shard_dir / "test")) == str(shard_dir / "val")  # a sibling, not itself
+    alone = tmp_path / "only" / "train"
+    alone.mkdir(parents=True)
+    assert resolve_val_path("auto", str(alone)) == ""  # no val/ beside it: no validation, never test/
+    assert resolve_val_path("auto", str(shard_dir / "train" / "shard-{000000..000001}.tar")) == ""
+    assert resolve_val_path(str(shard_dir / "test"), str(shard_dir / "train")) == str(shard_dir / "test")
+    with pytest.raises(DataError, match="--val_path"):
+        Trainer(make_cfg(shard_dir, tmp_path / "x", "--val_path", str(tmp_path / "missing")))
+
+
+def test_color_jitter_flag_reaches_the_training_stream(shard_dir: Path, tmp_path: Path) -> None:
+    trainer = Trainer(make_cfg(shard_dir, tmp_path, "--color_jitter", "none", "--num_iters", "1"))
+    trainer._open_stream()
+    assert trainer._stream._plan.transform.jitter == "none"

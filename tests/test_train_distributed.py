@@ -25,9 +25,11 @@ import pytest
 
 from rock_dist.engine import checkpoint as ckpt
 
+from numerics import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-TIMEOUT_S = 420
+TIMEOUT_S = HANG_GUARD_S
 SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--batch_size", "2",
          "--num_workers", "0", "--writer_path", "", "--coco_json_save_path", ""]
 
@@ -77,6 +79,7 @@ def _assert_disjoint_first_epoch(records: list[dict[str, Any]], steps: int, per_
     assert not seen[0] & seen[1], seen  # and none shared between the ranks
 
 
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
 def test_two_processes_through_launcher(one_per_shard: Path, tmp_path: Path) -> None:
     record = tmp_path / "record"
     save = tmp_path / "ckpt"
@@ -121,6 +124,7 @@ def test_two_processes_through_launcher(one_per_shard: Path, tmp_path: Path) -> 
     assert result.lrs == pytest.approx([5e-5], rel=1e-12)  # the scheduler state came along
 
 
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
 def test_nonfinite_loss_stops_both_ranks(one_per_shard: Path, tmp_path: Path) -> None:
     save = tmp_path / "ckpt"
     # --no_rock: also the baseline SSD under DDP (a parameter without gradient would fail iteration 2's forward).
@@ -155,6 +159,7 @@ def test_rank_without_data_fails_before_training(nyu_files: Any, tmp_path: Path)
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
 def test_two_machines_on_loopback(one_per_shard: Path, tmp_path: Path) -> None:
     """Two launcher invocations (machine ranks 0 and 1, one CPU process each) rendezvous on 127.0.0.1."""
     record = tmp_path / "record"

@@ -61,17 +61,18 @@ class TrainConsole:
     def __enter__(self) -> "TrainConsole":
         if self.use_bar:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # Our own ETA column: Rich's estimate needs two samples inside a 30 s window, so on a slow CPU (steps of
+            # several seconds) it shows nothing for minutes; ours is there from the first finished step.
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
                 TextColumn("{task.fields[stats]}"),
                 console=Console(file=self.stream), transient=False, refresh_per_second=4)
             self._progress.start()
             self._task = self._progress.add_task("train", total=self.total, completed=self.start_step,
-                                                 speed="", stats="")
+                                                 speed="", stats="", eta="?")
         self._t0 = time.perf_counter()
         return self
 
@@ -87,15 +88,20 @@ class TrainConsole:
             return
         stats = f"{format_losses(losses)} lr {lr:.3g}"
         speed = f"{it_per_s:.2f} it/s {images_per_s:.1f} img/s"
+        eta = format_duration(self.eta_seconds(step))
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, speed=speed, stats=stats)
+            self._progress.update(self._task, completed=step, speed=speed, stats=stats, eta=eta)
             return
         # The first step too: a log file then shows at once that training started and how fast.
         if step % self.log_every == 0 or step == self.total or step == self.start_step + 1:
-            done = step - self.start_step
-            elapsed = time.perf_counter() - self._t0
-            eta = elapsed / done * (self.total - step) if done else float("nan")
-            self.print(f"step {step}/{self.total} | {stats} | {speed} | eta {format_duration(eta)}")
+            self.print(f"step {step}/{self.total} | {stats} | {speed} | eta {eta}")
+
+    def eta_seconds(self, step: int) -> float:
+        """Seconds left after `step`, at the mean rate since the loop started (NaN before the first step)."""
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self._t0) / done * (self.total - step)
 
     def print(self, message: str) -> None:
         """A line for verbose mode (goes above the bar when one is shown)."""
@@ -116,4 +122,76 @@ class TrainConsole:
             print(message, file=self.stream, flush=True)
 
 
-__all__ = ["TrainConsole", "format_duration", "format_losses"]
+class EvalProgress:
+    """Progress of an evaluation pass on the main process: a Rich bar on a terminal, otherwise plain lines at every
+    tenth of the images, each with images/s and an ETA, so that a long end-of-run evaluation on a slow machine is
+    visibly working. Used by `rock_dist.evaluate` and by the trainer's validation. `advance(n)` is the callback
+    `engine.evaluation.evaluate` takes as `progress`; `total` is the main process's share of the images (ranks get
+    about equal shares, so it tracks the whole), None if unknown."""
+
+    def __init__(self, label: str, total: int | None, *, enabled: bool, stream: TextIO | None = None,
+                 force_plain: bool | None = None, inside: TrainConsole | None = None) -> None:
+        # `inside`: the training console whose live bar is on screen; Rich allows one live display at a time, so
+        # the evaluation then becomes a second task of that bar.
+        self.inside = inside._progress if inside is not None else None
+        self.label = label
+        self.total = total
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        plain = force_plain if force_plain is not None else not self.stream.isatty()
+        self.use_bar = enabled and not plain
+        self.done = 0
+        self._next_line = 0
+        self._progress: Any = None
+        self._task: Any = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "EvalProgress":
+        self._t0 = time.perf_counter()
+        if self.use_bar and self.inside is not None:
+            self._task = self.inside.add_task(self.label, total=self.total, speed="", stats="", eta="?")
+        elif self.use_bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                                      console=Console(file=self.stream), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=self.total, eta="?")
+        elif self.enabled:
+            print(f"{self.label}: started ({self.total or '?'} images)", file=self.stream, flush=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.inside is not None and self._task is not None:
+            self.inside.remove_task(self._task)
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self.enabled and exc[0] is None and self.inside is None:
+            elapsed = time.perf_counter() - self._t0
+            print(f"{self.label}: {self.done} images in {elapsed:.1f} s", file=self.stream, flush=True)
+
+    def eta_seconds(self) -> float:
+        if not self.total or self.done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self._t0) / self.done * max(self.total - self.done, 0)
+
+    def advance(self, images: int) -> None:
+        self.done += images
+        if not self.enabled:
+            return
+        eta = format_duration(self.eta_seconds())
+        bar = self._progress or (self.inside if self._task is not None else None)
+        if bar is not None:
+            bar.update(self._task, completed=self.done, eta=eta)
+            return
+        if self.total and self.done >= self._next_line and self.done < self.total:
+            rate = self.done / max(time.perf_counter() - self._t0, 1e-9)
+            print(f"{self.label}: {self.done}/{self.total} images, {rate:.1f} img/s, eta {eta}", file=self.stream,
+                  flush=True)
+            self._next_line = self.done + max(1, self.total // 10)
+
+
+__all__ = ["TrainConsole", "EvalProgress", "format_duration", "format_losses"]

@@ -10,7 +10,8 @@ W processes. The loop:
 2. forward + backward per micro-batch under `accelerator.accumulate` (DDP all-reduces only on the last one);
 3. all-reduces the loss components together with a per-rank non-finite flag: a NaN/inf on ANY rank raises
    NonFiniteLossError on EVERY rank at this step, before the optimizer step and before any checkpoint;
-4. clips gradients (optional), steps the optimizer, then the MultiStepLR scheduler exactly once (global iterations);
+4. clips gradients (optional), steps the optimizer, then the LR schedule (engine.lr_schedule, a function of the
+   global iteration) exactly once;
 5. logs, evaluates on the val split, writes checkpoints and TensorBoard pictures on their schedules.
 
 Resuming (`--checkpoint_path`) restores weights, optimizer, scheduler, grad scaler, per-rank RNG states, the best val
@@ -29,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -38,7 +38,9 @@ import torch
 
 from rock_dist.config import TrainConfig, to_dict
 from rock_dist.engine import checkpoint as ckpt
-from rock_dist.engine.console import TrainConsole
+from rock_dist.engine.console import EvalProgress, TrainConsole
+from rock_dist.data.manifest import MANIFEST_NAME
+from rock_dist.engine.lr_schedule import lr_factor
 from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, check_world_size,
                                           gather_objects, injected_fault, parse_fault_spec, state_digest)
 from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses
@@ -101,6 +103,19 @@ def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
     return first[1], first[2]
 
 
+def resolve_val_path(val_path: str, train_path: str) -> str:
+    """The validation split to use: `val_path` itself, or for "auto" the `val/` directory beside a `train_path`
+    directory when it holds a manifest, else "" (no validation)."""
+    if val_path != "auto":
+        return val_path
+    train = Path(train_path)
+    if train.is_dir():
+        sibling = train.parent / "val"
+        if (sibling / MANIFEST_NAME).is_file():
+            return str(sibling)
+    return ""
+
+
 class Trainer:
     """Owns everything one training run needs; `fit()` runs it, `train_step()` is one optimizer step."""
 
@@ -126,10 +141,14 @@ class Trainer:
                                                 num_scenes=len(self.scene_types))
         self.target_size = tuple(feature_map_sizes(tuple(cfg.model.image_size), cfg.model.backbone)[0])
         self.val_manifest = None
-        if cfg.data.val_path:
+        self.val_path = resolve_val_path(cfg.data.val_path, cfg.data.train_path)
+        if self.val_path:
             from rock_dist.data.manifest import load_manifest
 
-            self.val_manifest = load_manifest(cfg.data.val_path)  # fail now, not after hours of training
+            try:
+                self.val_manifest = load_manifest(self.val_path)  # fail now, not after hours of training
+            except DataError as err:
+                raise DataError(f"--val_path: {err}") from err
 
         resume_path = ckpt.resolve_resume_path(cfg.checkpoint_path) if cfg.checkpoint_path else None
         self.resume_data = ckpt.read_checkpoint(resume_path) if resume_path is not None else None
@@ -153,8 +172,7 @@ class Trainer:
         model = prepare_model_for_training(model, recipe, self.device)
         optimizer = make_optimizer(model, recipe, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # Deliberately NOT prepared: a prepared scheduler steps once per process per optimizer step (SPEC §8).
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.scheduler_milestones),
-                                                              gamma=cfg.scheduler_gamma)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.criterion = criterion.to(self.device)
         if self.runtime.compile:
@@ -218,12 +236,11 @@ class Trainer:
     def _restore(self, data: Mapping[str, Any]) -> None:
         cfg = self.cfg
         self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
-        self._apply_changed_schedule_flags()
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and data.get("scaler") is not None:
             scaler.load_state_dict(data["scaler"])
         step = int(data["step"])
+        self._apply_schedule_at(step)
         epoch, position = int(data["epoch"]), int(data["batch_in_epoch"])
         same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == cfg.data.batch_size)
         if not same_layout:
@@ -243,30 +260,24 @@ class Trainer:
                              f"approximate: checkpoint had {data.get('world_size')} process(es) x batch "
                              f"{data.get('batch_size')}, this run {self.world_size} x {cfg.data.batch_size}")
 
-    def _apply_changed_schedule_flags(self) -> None:
-        """On resume the optimizer and scheduler states come from the checkpoint; where --lr, --weight_decay,
-        --scheduler_milestones or --scheduler_gamma differ from it (e.g. a run extended with a later milestone),
-        the flags win and the lr is recomputed as a function of the global step. Untouched when nothing changed,
-        so that an ordinary resume stays bit-identical."""
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier after `step` global iterations (engine.lr_schedule: a function of the step alone)."""
         cfg = self.cfg
-        sched = self.scheduler
-        groups = self.optimizer.param_groups
-        # A Counter, or a plain dict after a weights_only load: {milestone: multiplicity}.
-        stored = sorted(m for m, count in dict(sched.milestones).items() for _ in range(count))
-        changed = (stored != sorted(cfg.scheduler_milestones)
-                   or sched.gamma != cfg.scheduler_gamma or any(g["initial_lr"] != cfg.lr for g in groups)
-                   or any(g["weight_decay"] != cfg.weight_decay for g in groups))
-        if not changed:
-            return
-        sched.milestones = Counter(cfg.scheduler_milestones)
-        sched.gamma = cfg.scheduler_gamma
-        sched.base_lrs = [cfg.lr for _ in groups]
-        decays = sum(1 for m in cfg.scheduler_milestones if m <= sched.last_epoch)
-        for group in groups:
+        return lr_factor(step, schedule=cfg.lr_schedule, num_iters=cfg.num_iters,
+                         milestones=cfg.scheduler_milestones, gamma=cfg.scheduler_gamma,
+                         warmup_iters=cfg.warmup_iters)
+
+    def _apply_schedule_at(self, step: int) -> None:
+        """Put the optimizer at the LR and weight decay this run's flags give for `step`. The schedule is stateless,
+        so this is all a resume needs: the same flags give the same floats as the uninterrupted run, and changed
+        flags (a run extended with a later milestone, another --lr) take effect from the resumed iteration."""
+        cfg = self.cfg
+        self.scheduler.last_epoch = step
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
             group["initial_lr"] = cfg.lr
             group["weight_decay"] = cfg.weight_decay
-            group["lr"] = cfg.lr * cfg.scheduler_gamma ** decays
-        sched._last_lr = [g["lr"] for g in groups]
+            group["lr"] = cfg.lr * self.lr_factor(step)
 
     # ------------------------------------------------------------------------------------------------ data
     def _open_stream(self) -> None:
@@ -284,7 +295,8 @@ class Trainer:
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, force_crops=cfg.data.force_crops,
             no_crops=cfg.data.no_crops, epoch=self.state.epoch,
-            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.state.batch_in_epoch)
+            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.state.batch_in_epoch,
+            color_jitter=cfg.data.color_jitter)
         self._iter = iter(self._stream)
 
     @property
@@ -527,13 +539,17 @@ class Trainer:
         broadcast_buffers(ckpt.unwrap(self.model))  # every rank evaluates the same network
         if self._eval_loader is None:  # re-iterable, with persistent workers: build it once per run
             self._eval_loader = make_eval_loader(
-                cfg.data.val_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
+                self.val_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
                 batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, rank=self.rank,
                 world_size=self.world_size)
         loader = self._eval_loader
         out_dir = Path(cfg.coco_json_save_path) / f"step{self.state.step:07d}" if cfg.coco_json_save_path else None
-        metrics = evaluate(self.model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
-                           class_names=self.class_names, expected_images=self.val_manifest.num_samples)
+        # Its own progress lines: on a slow CPU the end-of-run validation takes minutes after the last step.
+        with EvalProgress(f"step {self.state.step}: validating", getattr(loader, "num_samples", None),
+                          enabled=console.verbose, inside=console if console.use_bar else None) as progress:
+            metrics = evaluate(self.model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
+                               class_names=self.class_names, expected_images=self.val_manifest.num_samples,
+                               progress=progress.advance)
         self.model.train()
         tb.scalars(eval_metric_scalars(metrics), self.state.step, prefix="val/")
         console.print(f"step {self.state.step}: val AP {100 * metrics['AP']:.2f} AP50 {100 * metrics['AP50']:.2f} "

@@ -49,7 +49,9 @@ class TaskBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.task_map(self.features(x))
         if self.task == "scene":
-            pred = F.log_softmax(t.float().mean(dim=(2, 3)), dim=1)
+            # Pool and normalise in at least float32 (not bf16/fp16 under autocast); float64 stays float64.
+            pooled = t.to(torch.promote_types(t.dtype, torch.float32)).mean(dim=(2, 3))
+            pred = F.log_softmax(pooled, dim=1)
         elif self.task == "depth":
             pred = t.mean(dim=1, keepdim=True)
         else:

@@ -24,6 +24,11 @@ so "samples/s" is per worker = per core. What each measures, per training sample
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help before the heavy imports below
+    from rock_dist.cli import answer_help_early
+
+    answer_help_early("DataBenchConfig")
+
 import json
 import os
 import pickle
@@ -32,9 +37,8 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +46,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from rock_dist.cli import run_cli
-from rock_dist.config import opt, parse_config
+from rock_dist.config import DataBenchConfig, parse_config
 from rock_dist.data.batch import collate, prepare_batch
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.pipeline import _TrainDataset, make_train_loader
@@ -53,23 +57,6 @@ from rock_dist.data.transforms import (BRIGHTNESS, CONTRAST, HUE, IMAGENET_MEAN,
 from rock_dist.errors import ConfigError
 
 Size = tuple[int, int]
-
-
-@dataclass
-class DataBenchConfig:
-    """Flags of `python -m rock_dist.perf.data_bench`."""
-
-    shards: str = opt("Training shards (split directory or any source string). Empty: render synthetic 480x640 "
-                      "rooms into a temporary directory first.", "")
-    num_samples: int = opt("Samples timed per pipeline (after a warm-up of one batch).", 200)
-    rounds: int = opt("The pipelines are timed alternately in this many chunks (fair under changing load).", 4)
-    batch_size: int = opt("Batch size of both pipelines.", 8)
-    image_size: tuple[int, int] = opt("Network input HEIGHT WIDTH.", (480, 640))
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = opt(
-        "Backbone whose first feature map sets the aux target size.", "resnet50")
-    loader_workers: int = opt("Also time our DataLoader with this many worker processes (0: skip).", 0)
-    seed: int = opt("Seed of both pipelines.", 0)
-    json: str = opt("Write the result JSON here (empty: stdout only).", "")
 
 
 def _target_size(image_size: Size, backbone: str) -> Size:

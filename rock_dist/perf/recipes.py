@@ -20,6 +20,7 @@ the optimizer (it must see the folded parameters) â†’ (DDP wrap, trainer only) â
 from __future__ import annotations
 
 import contextlib
+import os
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping
@@ -84,6 +85,11 @@ def bf16_supported(device: torch.device) -> bool:
 def amx_available() -> bool:
     """Whether the CPU has AMX tile units (Intel Sapphire Rapids and later). There oneDNN runs bf16 convolutions
     2-3x faster than fp32 (README, performance); without AMX, bf16 autocast on a CPU is no faster, often slower."""
+    # oneDNN honours ONEDNN_MAX_CPU_ISA (or the older DNNL_ name): a cap below AMX (e.g. AVX2, to imitate a CPU
+    # without tiles) means its bf16 kernels run without them, however the CPU itself reports.
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap != "ALL" and "AMX" not in cap:
+        return False
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent in some torch versions
     try:
         return bool(probe()) if probe is not None else False

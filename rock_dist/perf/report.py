@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import statistics
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -91,10 +92,13 @@ def add_speedups(section: str, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         value = _value(section, row)
         key = row.get("batch_size") if section == "infer" else None
-        before = prev.get(key, base)
-        row["speedup"] = value / base if base and not math.isnan(base) else float("nan")
-        row["step_gain"] = value / before if before and not math.isnan(before) else float("nan")
-        prev[key] = value
+        if row.get("speedup_rounds"):  # interleaved rounds: the median per-round ratio resists load changes
+            row["speedup"] = statistics.median(row["speedup_rounds"])
+        else:
+            row["speedup"] = value / base if base and not math.isnan(base) else float("nan")
+        before = prev.get(key, 1.0)
+        row["step_gain"] = row["speedup"] / before if before and not math.isnan(before) else float("nan")
+        prev[key] = row["speedup"]
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -135,6 +139,8 @@ def render(report: Mapping[str, Any]) -> list[Any]:
                 value = f"{row['samples_per_s']:.1f}/s"
             else:
                 value = f"{row['img_per_s']:.2f} img/s"
+            if "speedup_spread" in row:
+                value += f" ±{100 * row['speedup_spread'] / 2:.0f}%"
             details = row.get("describe", "")
             if section == "e2e":
                 details += f"; {row.get('loader')} loader, {row.get('loader_workers')} workers"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -34,6 +34,13 @@ class Timing:
     def median_s(self) -> float:
         return statistics.median(self.window_s) if self.window_s else float("nan")
 
+    @property
+    def spread(self) -> float:
+        """Relative spread of the windows: (largest - smallest) / median (0 for one window)."""
+        if len(self.window_s) < 2:
+            return 0.0
+        return (max(self.window_s) - min(self.window_s)) / self.median_s
+
     def rate(self, items_per_iter: float) -> float:
         """Items per second at the median window."""
         median = self.median_s
@@ -41,7 +48,7 @@ class Timing:
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds_per_iter": self.window_s, "median_s": self.median_s, "iters_per_window": self.iters,
-                "warmup_iters": self.warmup}
+                "warmup_iters": self.warmup, "spread": self.spread}
 
 
 def measure(fn: Callable[[], Any], device: torch.device | str, *, warmup: int, repeats: int, iters: int) -> Timing:
@@ -60,4 +67,41 @@ def measure(fn: Callable[[], Any], device: torch.device | str, *, warmup: int, r
     return timing
 
 
-__all__ = ["synchronize", "Timing", "measure"]
+def measure_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | str, *, warmup: int,
+                        min_rounds: int, max_rounds: int, iters: int, target_spread: float = 0.05
+                        ) -> tuple[list[Timing], list[list[float]]]:
+    """Time several configurations fairly on a noisy machine: after `warmup` untimed calls of each, every round
+    times one window of `iters` calls per configuration, in turn, so a change of machine load hits them all alike.
+    Rounds go on (at least `min_rounds`, at most `max_rounds`) until the ratio of every configuration to the
+    first one is stable: the relative spread of its per-round ratios is at most `target_spread`.
+
+    Returns each configuration's Timing and, per configuration, its per-round ratio to the first (time of the
+    first / time of this one, i.e. its speed-up), whose median and spread the benchmark reports."""
+    timings = [Timing(iters=max(1, iters), warmup=warmup) for _ in fns]
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    ratios: list[list[float]] = [[] for _ in fns]
+    for round_index in range(max(1, max_rounds)):
+        for fn, timing in zip(fns, timings):
+            start = time.perf_counter()
+            for _ in range(timing.iters):
+                fn()
+            synchronize(device)
+            timing.window_s.append((time.perf_counter() - start) / timing.iters)
+        for k, timing in enumerate(timings):
+            ratios[k].append(timings[0].window_s[-1] / timing.window_s[-1])
+        if round_index + 1 >= max(1, min_rounds) and all(ratio_spread(r) <= target_spread for r in ratios):
+            break
+    return timings, ratios
+
+
+def ratio_spread(values: Sequence[float]) -> float:
+    """Relative spread (largest - smallest) / median of per-round ratios (0 for fewer than two rounds)."""
+    if len(values) < 2:
+        return 0.0
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+__all__ = ["synchronize", "Timing", "measure", "measure_interleaved", "ratio_spread"]

@@ -28,7 +28,7 @@ import torch
 from rock_dist.errors import NonFiniteLossError
 from rock_dist.perf.memory import free_device_memory, peak_memory_mib, reset_peak_memory, rss_mib
 from rock_dist.perf.recipes import Applied, Recipe, apply_recipe
-from rock_dist.perf.timing import Timing, measure, synchronize
+from rock_dist.perf.timing import Timing, measure, measure_interleaved, ratio_spread, synchronize
 
 Batch = Mapping[str, Any]
 
@@ -124,9 +124,16 @@ def _row_common(recipe: Recipe, device: torch.device, timing: Timing, images_per
 
 def bench_step(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, device: torch.device, *,
                batch_source: Callable[[int], Batch], warmup: int, repeats: int, iters: int, seed: int = 0,
+               max_rounds: int = 0, target_spread: float = 0.05,
                log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """Training-step img/s of each recipe on an in-memory CPU batch (transfer + normalisation included)."""
-    rows = []
+    """Training-step img/s of each recipe on an in-memory CPU batch (transfer + normalisation included).
+
+    All recipes are built first and timed in interleaved rounds (`timing.measure_interleaved`): at least
+    `repeats` rounds, more (up to `max_rounds`, default 4x `repeats`) until every recipe's speed-up over the first
+    is stable to `target_spread`; each row reports its per-round speed-ups and their spread, so rows can be ranked
+    on a noisy machine. Peak GPU memory is then that of all recipes together, so it is measured per recipe during
+    its warm-up instead."""
+    steps, batches, rows_meta = [], [], []
     for recipe in recipes:
         log(f"step: {recipe.name} ({recipe.describe()})")
         reset_peak_memory(device)
@@ -135,10 +142,26 @@ def bench_step(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
         if device.type == "cuda" and recipe.loader == "rock_dist":
             batch = pin(batch)
         step = make_train_step(applied)
-        timing = measure(lambda: step(batch), device, warmup=warmup, repeats=repeats, iters=iters)
-        rows.append(_row_common(recipe, device, timing, recipe.batch_size))
-        del applied, step, batch
-        free_device_memory(device)
+        for _ in range(max(1, warmup)):
+            step(batch)
+        synchronize(device)
+        steps.append(lambda step=step, batch=batch: step(batch))
+        rows_meta.append(peak_memory_mib(device))
+        batches.append(batch)
+    timings, ratios = measure_interleaved(steps, device, warmup=0, min_rounds=max(1, repeats),
+                                          max_rounds=max_rounds or 4 * max(1, repeats), iters=iters,
+                                          target_spread=target_spread)
+    rows = []
+    for recipe, timing, ratio, peak in zip(recipes, timings, ratios, rows_meta):
+        timing.warmup = max(1, warmup)
+        row = _row_common(recipe, device, timing, recipe.batch_size)
+        row["peak_gpu_mib"] = peak
+        # The speed-up as the median of per-round ratios: robust to load that changes between rounds.
+        row["speedup_rounds"] = ratio
+        row["speedup_spread"] = ratio_spread(ratio)
+        rows.append(row)
+    del steps, batches
+    free_device_memory(device)
     return rows
 
 
