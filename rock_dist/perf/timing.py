@@ -73,7 +73,7 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device |
     """Time several configurations fairly on a noisy machine: after `warmup` untimed calls of each, every round
     times one window of `iters` calls per configuration, in turn, so a change of machine load hits them all alike.
     Rounds go on (at least `min_rounds`, at most `max_rounds`) until the ratio of every configuration to the
-    first one is stable: the relative spread of its per-round ratios is at most `target_spread`.
+    first one is stable: the relative spread of its per-round ratios (`ratio_spread`) is at most `target_spread`.
 
     Returns each configuration's Timing and, per configuration, its per-round ratio to the first (time of the
     first / time of this one, i.e. its speed-up), whose median and spread the benchmark reports."""
@@ -98,10 +98,14 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device |
 
 
 def ratio_spread(values: Sequence[float]) -> float:
-    """Relative spread (largest - smallest) / median of per-round ratios (0 for fewer than two rounds)."""
+    """Relative spread of per-round ratios: interquartile range / median from 4 rounds on (one slow round on a shared
+    2-core machine then does not hold the others hostage), (largest - smallest) / median below that, 0 for one."""
     if len(values) < 2:
         return 0.0
-    return (max(values) - min(values)) / statistics.median(values)
+    if len(values) < 4:
+        return (max(values) - min(values)) / statistics.median(values)
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / statistics.median(values)
 
 
 __all__ = ["synchronize", "Timing", "measure", "measure_interleaved", "ratio_spread"]
