@@ -323,6 +323,23 @@ def validate(config: Any) -> None:
             raise ValueError("--scheduler_milestones must be increasing")
         if config.warmup_iters < 0:
             raise ValueError(f"--warmup_iters {config.warmup_iters}: must be 0 or more")
+        # Checked here, before any model or data is touched: one line naming the flag instead of a traceback from
+        # deep inside the optimizer or the loop.
+        checks = (("--lr", config.lr, config.lr > 0, "must be positive"),
+                  ("--weight_decay", config.weight_decay, config.weight_decay >= 0, "must be 0 or more"),
+                  ("--scheduler_gamma", config.scheduler_gamma, config.scheduler_gamma > 0, "must be positive"),
+                  ("--clip_grad_norm", config.clip_grad_norm, config.clip_grad_norm >= 0, "must be 0 (off) or more"),
+                  ("--keep_checkpoints", config.keep_checkpoints, config.keep_checkpoints >= 1,
+                   "must be at least 1"))
+        for flag, value, ok, rule in checks:
+            if not ok or value != value:  # value != value: NaN
+                raise ValueError(f"{flag} {value}: {rule}")
+        for flag in ("val_eval_freq", "train_eval_freq", "image_to_tb_freq", "model_save_freq"):
+            if getattr(config, flag) < 0:
+                raise ValueError(f"--{flag} {getattr(config, flag)}: must be 0 or more")
+        if any(m < 1 for m in config.scheduler_milestones):
+            raise ValueError(f"--scheduler_milestones {' '.join(map(str, config.scheduler_milestones))}: "
+                             "iterations start at 1")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

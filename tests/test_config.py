@@ -64,3 +64,18 @@ def test_unknown_flag_fails_in_a_real_process() -> None:
     result = subprocess.run([sys.executable, "-c", "from rock_dist.config import *; "
                              "parse_config(TrainConfig, ['--no_such_flag'])"], capture_output=True, text=True)
     assert result.returncode == 2 and "--no_such_flag" in result.stderr
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--lr", "-0.001"], "--lr"), (["--lr", "nan"], "--lr"), (["--weight_decay", "-1"], "--weight_decay"),
+    (["--scheduler_gamma", "0"], "--scheduler_gamma"), (["--clip_grad_norm", "-1"], "--clip_grad_norm"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints"), (["--model_save_freq", "-5"], "--model_save_freq"),
+    (["--scheduler_milestones", "0", "10"], "--scheduler_milestones"), (["--warmup_iters", "-1"], "--warmup_iters"),
+])
+def test_bad_numbers_are_one_line_naming_the_flag(argv: list[str], flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(TrainConfig, argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("python -m") or "error:" in message
+    assert "error:" in message and flag in message
