@@ -321,8 +321,6 @@ def validate(config: Any) -> None:
             raise ValueError("--gradient_accumulation_steps must be at least 1")
         if list(config.scheduler_milestones) != sorted(config.scheduler_milestones):
             raise ValueError("--scheduler_milestones must be increasing")
-        if config.warmup_iters < 0:
-            raise ValueError(f"--warmup_iters {config.warmup_iters}: must be 0 or more")
         # Checked here, before any model or data is touched: one line naming the flag instead of a traceback from
         # deep inside the optimizer or the loop.
         checks = (("--lr", config.lr, config.lr > 0, "must be positive"),
@@ -330,13 +328,13 @@ def validate(config: Any) -> None:
                   ("--scheduler_gamma", config.scheduler_gamma, config.scheduler_gamma > 0, "must be positive"),
                   ("--clip_grad_norm", config.clip_grad_norm, config.clip_grad_norm >= 0, "must be 0 (off) or more"),
                   ("--keep_checkpoints", config.keep_checkpoints, config.keep_checkpoints >= 1,
-                   "must be at least 1"))
+                   "must be at least 1"),
+                  *((f"--{name}", getattr(config, name), getattr(config, name) >= 0, "must be 0 or more")
+                    for name in ("warmup_iters", "val_eval_freq", "train_eval_freq", "image_to_tb_freq",
+                                 "model_save_freq")))
         for flag, value, ok, rule in checks:
             if not ok or value != value:  # value != value: NaN
                 raise ValueError(f"{flag} {value}: {rule}")
-        for flag in ("val_eval_freq", "train_eval_freq", "image_to_tb_freq", "model_save_freq"):
-            if getattr(config, flag) < 0:
-                raise ValueError(f"--{flag} {getattr(config, flag)}: must be 0 or more")
         if any(m < 1 for m in config.scheduler_milestones):
             raise ValueError(f"--scheduler_milestones {' '.join(map(str, config.scheduler_milestones))}: "
                              "iterations start at 1")

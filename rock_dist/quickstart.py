@@ -189,20 +189,20 @@ def resolve_run(cfg: QuickstartConfig, deadline: float, eval_images: int) -> Res
     """Input size, batch and iterations: exactly the flags with --num_iters, else sized to the time budget."""
     from rock_dist.quickstart_plan import TIERS, plan_training
 
+    requested = tuple(cfg.image_size) if cfg.image_size != (0, 0) else None
     if cfg.num_iters > 0:
-        size = tuple(cfg.image_size) if cfg.image_size != (0, 0) else TIERS[0].image_size
+        size = requested or TIERS[0].image_size
         batch = cfg.batch_size or TIERS[0].batch_size
         best = _autotune(cfg, size, batch).best
         console.print(f"[bold]plan[/]: --num_iters {cfg.num_iters} at {size[0]}x{size[1]}, batch {batch}, "
                       f"{best.label} (exact run; --time_budget not used)")
         return ResolvedRun(size, batch, cfg.num_iters, _speed_flags(best))
     tiers = TIERS
-    if cfg.image_size != (0, 0) or cfg.batch_size:
+    if requested or cfg.batch_size:  # one tier: the requested size / batch, with the iteration range of its tier
         import dataclasses
 
-        base = next((t for t in TIERS if t.image_size == tuple(cfg.image_size)), TIERS[0])
-        tiers = (dataclasses.replace(base, name="requested", image_size=tuple(cfg.image_size) if
-                                     cfg.image_size != (0, 0) else base.image_size,
+        base = next((t for t in TIERS if t.image_size == requested), TIERS[0])
+        tiers = (dataclasses.replace(base, name="requested", image_size=requested or base.image_size,
                                      batch_size=cfg.batch_size or base.batch_size),)
     tuned: dict[str, Any] = {}
 

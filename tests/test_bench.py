@@ -267,7 +267,7 @@ def test_find_max_train_batch_size_refuses_cpu() -> None:
 
 
 def test_interleaved_timing_repeats_rounds_until_the_ratios_are_stable() -> None:
-    from rock_dist.perf.timing import measure_interleaved, ratio_spread
+    from rock_dist.perf.timing import measure_interleaved, relative_spread
 
     calls = {"a": 0, "b": 0}
 
@@ -283,4 +283,4 @@ def test_interleaved_timing_repeats_rounds_until_the_ratios_are_stable() -> None
     timings, ratios = measure_interleaved([fn("a"), fn("b")], "cpu", warmup=0, min_rounds=2, max_rounds=5, iters=1,
                                           target_spread=-1.0)
     assert [len(t.window_s) for t in timings] == [5, 5] and len(ratios[1]) == 5
-    assert ratio_spread([2.0, 2.0, 2.0]) == 0.0 and ratio_spread([1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert relative_spread([2.0, 2.0, 2.0]) == 0.0 and relative_spread([1.0, 2.0, 3.0]) == pytest.approx(1.0)

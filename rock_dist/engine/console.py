@@ -142,33 +142,34 @@ class EvalProgress:
         self.use_bar = enabled and not plain
         self.done = 0
         self._next_line = 0
-        self._progress: Any = None
+        self._bar: Any = None  # the Rich Progress showing this pass: the training bar's, or our own
         self._task: Any = None
         self._t0 = time.perf_counter()
 
     def __enter__(self) -> "EvalProgress":
         self._t0 = time.perf_counter()
         if self.use_bar and self.inside is not None:
-            self._task = self.inside.add_task(self.label, total=self.total, speed="", stats="", eta="?")
+            self._bar = self.inside
+            self._task = self._bar.add_task(self.label, total=self.total, speed="", stats="", eta="?")
         elif self.use_bar:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
-                                      console=Console(file=self.stream), transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.total, eta="?")
+            self._bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                                 console=Console(file=self.stream), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total, eta="?")
         elif self.enabled:
             print(f"{self.label}: started ({self.total or '?'} images)", file=self.stream, flush=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.inside is not None and self._task is not None:
-            self.inside.remove_task(self._task)
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._bar is not None and self._bar is self.inside:
+            self._bar.remove_task(self._task)
+        elif self._bar is not None:
+            self._bar.stop()
+        self._bar = None
         if self.enabled and exc[0] is None and self.inside is None:
             elapsed = time.perf_counter() - self._t0
             print(f"{self.label}: {self.done} images in {elapsed:.1f} s", file=self.stream, flush=True)
@@ -183,9 +184,8 @@ class EvalProgress:
         if not self.enabled:
             return
         eta = format_duration(self.eta_seconds())
-        bar = self._progress or (self.inside if self._task is not None else None)
-        if bar is not None:
-            bar.update(self._task, completed=self.done, eta=eta)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, eta=eta)
             return
         if self.total and self.done >= self._next_line and self.done < self.total:
             rate = self.done / max(time.perf_counter() - self._t0, 1e-9)

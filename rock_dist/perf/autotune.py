@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from rock_dist.perf.recipes import Precision, Recipe, amx_available, bf16_supported, fused_adam_available
+from rock_dist.perf.recipes import (Precision, Recipe, amx_available, bf16_supported, fused_adam_available,
+                                    onednn_isa_cap)
+from rock_dist.perf.timing import measure
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,9 @@ def measure_step_seconds(model_config: Any, loss_config: Any, batch_size: int, c
     recipe = Recipe(name=candidate.label, batch_size=batch_size, precision=candidate.precision,
                     channels_last=candidate.channels_last, fused_adam=fused_adam_available(device),
                     device_matching=True, loader="rock_dist")
-    applied = build_applied(model_config, loss_config, recipe, device)
-    step = make_train_step(applied)
+    step = make_train_step(build_applied(model_config, loss_config, recipe, device))
     batch = synthetic_batch(batch_size, model_config)
-    step(batch)
-    from rock_dist.perf.timing import synchronize
-
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(max(1, steps)):
-        step(batch)
-    synchronize(device)
-    return (time.perf_counter() - start) / max(1, steps)
+    return measure(lambda: step(batch), device, warmup=1, repeats=1, iters=max(1, steps)).median_s
 
 
 def cache_path() -> Path:
@@ -97,7 +89,7 @@ def machine_key(device: torch.device, model_config: Any, batch_size: int) -> str
     """What the timings depend on; a change of any part measures again."""
     from rock_dist.perf.data_bench import cpu_name
 
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL"
+    cap = onednn_isa_cap()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     parts = [cpu_name(), f"isa={cap}", f"torch={torch.__version__}", f"threads={torch.get_num_threads()}",
              f"device={device.type}:{gpu}", f"model={model_config.backbone}:{tuple(model_config.image_size)}:"

@@ -82,12 +82,17 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def onednn_isa_cap() -> str:
+    """The ISA cap oneDNN runs under: ONEDNN_MAX_CPU_ISA (or the older DNNL_ name), upper-case; "ALL" when unset."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+
+
 def amx_available() -> bool:
     """Whether the CPU has AMX tile units (Intel Sapphire Rapids and later). There oneDNN runs bf16 convolutions
     2-3x faster than fp32 (README, performance); without AMX, bf16 autocast on a CPU is no faster, often slower."""
-    # oneDNN honours ONEDNN_MAX_CPU_ISA (or the older DNNL_ name): a cap below AMX (e.g. AVX2, to imitate a CPU
-    # without tiles) means its bf16 kernels run without them, however the CPU itself reports.
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    # A cap below AMX (e.g. AVX2, to imitate a CPU without tiles) means oneDNN's bf16 kernels run without them,
+    # however the CPU itself reports.
+    cap = onednn_isa_cap()
     if cap != "ALL" and "AMX" not in cap:
         return False
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent in some torch versions
@@ -360,7 +365,7 @@ def apply_inference_recipe(model: nn.Module, recipe: Recipe, device: torch.devic
 
 
 __all__ = [
-    "Recipe", "REFERENCE_BATCH", "FAST_GPU_BATCH", "bf16_supported", "amx_available", "reference_recipe",
+    "Recipe", "REFERENCE_BATCH", "FAST_GPU_BATCH", "bf16_supported", "onednn_isa_cap", "amx_available", "reference_recipe",
     "fast_recipe", "ladder",
     "training_recipe", "set_cudnn_benchmark", "prepare_model_for_training", "make_optimizer", "maybe_compile",
     "autocast_for", "match_per_image_on_cpu", "ReferenceMatchingCriterion", "PrematchedCriterion", "Applied",

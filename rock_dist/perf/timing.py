@@ -36,10 +36,8 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Relative spread of the windows: (largest - smallest) / median (0 for one window)."""
-        if len(self.window_s) < 2:
-            return 0.0
-        return (max(self.window_s) - min(self.window_s)) / self.median_s
+        """Relative spread of the windows (`relative_spread`)."""
+        return relative_spread(self.window_s)
 
     def rate(self, items_per_iter: float) -> float:
         """Items per second at the median window."""
@@ -59,12 +57,17 @@ def measure(fn: Callable[[], Any], device: torch.device | str, *, warmup: int, r
         fn()
     synchronize(device)
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        for _ in range(timing.iters):
-            fn()
-        synchronize(device)
-        timing.window_s.append((time.perf_counter() - start) / timing.iters)
+        _time_window(fn, device, timing)
     return timing
+
+
+def _time_window(fn: Callable[[], Any], device: torch.device | str, timing: Timing) -> None:
+    """One window: `timing.iters` calls of `fn` on a device synchronised at its end; appends seconds per call."""
+    start = time.perf_counter()
+    for _ in range(timing.iters):
+        fn()
+    synchronize(device)
+    timing.window_s.append((time.perf_counter() - start) / timing.iters)
 
 
 def measure_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | str, *, warmup: int,
@@ -73,7 +76,7 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device |
     """Time several configurations fairly on a noisy machine: after `warmup` untimed calls of each, every round
     times one window of `iters` calls per configuration, in turn, so a change of machine load hits them all alike.
     Rounds go on (at least `min_rounds`, at most `max_rounds`) until the ratio of every configuration to the
-    first one is stable: the relative spread of its per-round ratios (`ratio_spread`) is at most `target_spread`.
+    first one is stable: the relative spread of its per-round ratios (`relative_spread`) is at most `target_spread`.
 
     Returns each configuration's Timing and, per configuration, its per-round ratio to the first (time of the
     first / time of this one, i.e. its speed-up), whose median and spread the benchmark reports."""
@@ -85,21 +88,18 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device |
     ratios: list[list[float]] = [[] for _ in fns]
     for round_index in range(max(1, max_rounds)):
         for fn, timing in zip(fns, timings):
-            start = time.perf_counter()
-            for _ in range(timing.iters):
-                fn()
-            synchronize(device)
-            timing.window_s.append((time.perf_counter() - start) / timing.iters)
+            _time_window(fn, device, timing)
         for k, timing in enumerate(timings):
             ratios[k].append(timings[0].window_s[-1] / timing.window_s[-1])
-        if round_index + 1 >= max(1, min_rounds) and all(ratio_spread(r) <= target_spread for r in ratios):
+        if round_index + 1 >= max(1, min_rounds) and all(relative_spread(r) <= target_spread for r in ratios):
             break
     return timings, ratios
 
 
-def ratio_spread(values: Sequence[float]) -> float:
-    """Relative spread of per-round ratios: interquartile range / median from 4 rounds on (one slow round on a shared
-    2-core machine then does not hold the others hostage), (largest - smallest) / median below that, 0 for one."""
+def relative_spread(values: Sequence[float]) -> float:
+    """Relative spread of repeated measurements (window times, per-round ratios): interquartile range / median from 4
+    values on (one slow round on a shared 2-core machine then does not hold the others hostage), (largest -
+    smallest) / median below that, 0 for one."""
     if len(values) < 2:
         return 0.0
     if len(values) < 4:
@@ -108,4 +108,4 @@ def ratio_spread(values: Sequence[float]) -> float:
     return (q3 - q1) / statistics.median(values)
 
 
-__all__ = ["synchronize", "Timing", "measure", "measure_interleaved", "ratio_spread"]
+__all__ = ["synchronize", "Timing", "measure", "measure_interleaved", "relative_spread"]

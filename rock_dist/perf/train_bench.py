@@ -28,7 +28,7 @@ import torch
 from rock_dist.errors import NonFiniteLossError
 from rock_dist.perf.memory import free_device_memory, peak_memory_mib, reset_peak_memory, rss_mib
 from rock_dist.perf.recipes import Applied, Recipe, apply_recipe
-from rock_dist.perf.timing import Timing, measure, measure_interleaved, ratio_spread, synchronize
+from rock_dist.perf.timing import Timing, measure, measure_interleaved, relative_spread, synchronize
 
 Batch = Mapping[str, Any]
 
@@ -133,7 +133,8 @@ def bench_step(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
     is stable to `target_spread`; each row reports its per-round speed-ups and their spread, so rows can be ranked
     on a noisy machine. Peak GPU memory is then that of all recipes together, so it is measured per recipe during
     its warm-up instead."""
-    steps, batches, rows_meta = [], [], []
+    steps: list[Callable[[], Any]] = []
+    peaks: list[float | None] = []
     for recipe in recipes:
         log(f"step: {recipe.name} ({recipe.describe()})")
         reset_peak_memory(device)
@@ -146,21 +147,20 @@ def bench_step(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
             step(batch)
         synchronize(device)
         steps.append(lambda step=step, batch=batch: step(batch))
-        rows_meta.append(peak_memory_mib(device))
-        batches.append(batch)
+        peaks.append(peak_memory_mib(device))
     timings, ratios = measure_interleaved(steps, device, warmup=0, min_rounds=max(1, repeats),
                                           max_rounds=max_rounds or 4 * max(1, repeats), iters=iters,
                                           target_spread=target_spread)
     rows = []
-    for recipe, timing, ratio, peak in zip(recipes, timings, ratios, rows_meta):
+    for recipe, timing, ratio, peak in zip(recipes, timings, ratios, peaks):
         timing.warmup = max(1, warmup)
         row = _row_common(recipe, device, timing, recipe.batch_size)
         row["peak_gpu_mib"] = peak
         # The speed-up as the median of per-round ratios: robust to load that changes between rounds.
         row["speedup_rounds"] = ratio
-        row["speedup_spread"] = ratio_spread(ratio)
+        row["speedup_spread"] = relative_spread(ratio)
         rows.append(row)
-    del steps, batches
+    del steps  # the closures hold the models and batches
     free_device_memory(device)
     return rows
 
