@@ -88,7 +88,14 @@ class DataConfig:
     force_crops: bool = opt("Always apply the SSD random crop (never the 'no crop' option).", False)
     no_crops: bool = opt("Never apply the SSD random crop (flip, colour jitter and resize only): for short runs from "
                          "scratch, where the crop's zoomed views slow learning down.", False)
-    shuffle_buffer: int = opt("Sample shuffle buffer per worker (raw samples, before decoding).", 256)
+    data_mode: Literal["auto", "indexed", "stream"] = opt(
+        "How the training stream reads shards: 'indexed' (random access by sample: every epoch one seeded "
+        "permutation of the whole split, dealt to ranks and workers by sample; any number of ranks and workers on "
+        "any number of shards), 'stream' (each worker draws shards with replacement and reads them through a "
+        "shuffle buffer: for remote pipe:/http sources and huge sets; epochs are approximate), or 'auto' (indexed "
+        "for local shards, stream otherwise). See docs/data_pipeline.md.", "auto")
+    shuffle_buffer: int = opt("Sample shuffle buffer per worker in --data_mode stream (raw samples, before "
+                              "decoding).", 256)
     color_jitter: Literal["device", "cpu", "none"] = opt(
         "Where the training colour jitter runs: 'device' (parameters drawn by the loader workers, applied batched "
         "by prepare_batch on the training device), 'cpu' (in the workers) or 'none'.", "device")
@@ -384,7 +391,10 @@ class ShardsBuildConfig:
     out: str = opt("Output directory; gets train/ and test/ (and val/) split directories.", "shards/nyuv2")
     dataset_name: str = opt("Dataset name in the manifests and sample-key prefix (letters, digits, '-', '_').",
                             "nyuv2")
-    samples_per_shard: int = opt("Samples per tar file.", 100)
+    samples_per_shard: int = opt("Samples per tar file (0: automatic, at least 64 shards per split of 16 to 1000 "
+                                 "samples each; see docs/data_pipeline.md).", 0)
+    shuffle_seed: int = opt("Seed of the random order in which each split's images are dealt to shards (NYUv2 is "
+                            "stored scene by scene); -1 keeps the .mat order.", 0)
     num_workers: int = opt("Worker processes, each opening the .mat itself (-1: one per CPU, at most 8).", -1)
     image_format: Literal["jpg", "png"] = opt("Encoding of the RGB member (png is lossless, about 3x larger).",
                                               "jpg")
@@ -502,6 +512,8 @@ class DataBenchConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50"] = opt(
         "Backbone whose first feature map sets the aux target size.", "resnet50")
     loader_workers: int = opt("Also time our DataLoader with this many worker processes (0: skip).", 0)
+    scaling: bool = opt("Also time one rank's DataLoader with 1, 2, 4 and 8 workers on the same samples stored in "
+                        "1, 8 and 64 shards (a table).", False)
     seed: int = opt("Seed of both pipelines.", 0)
     json: str = opt("Write the result JSON here (empty: stdout only).", "")
 

@@ -2,14 +2,19 @@
 
 build: reads the official files one image at a time (`rock_dist.data.nyuv2`), encodes each sample
 (`rock_dist.data.shard_writer`) and writes `OUT/{train,test}` (+ `val` with `--val_split_path`), each with
-`shard-NNNNNN.tar` files and a `manifest.json` (`rock_dist.data.manifest`). Shards are written by several processes,
+`shard-NNNNNN.tar` files, a `manifest.json` (`rock_dist.data.manifest`) and an `index.json` of every sample's byte
+span (`rock_dist.data.shard_index`, for the indexed training loader). Each split's images are dealt to shards in a
+seeded random order (`--shuffle_seed`, recorded in the manifest; sorted within a shard): NYUv2 is stored scene by
+scene, and shards of consecutive images would each hold one or two scenes. `--samples_per_shard 0` (the default)
+sizes shards by `auto_samples_per_shard` (docs/data_pipeline.md). Shards are written by several processes,
 each opening the .mat itself (HDF5 handles must not cross a fork). The whole build goes to a hidden temporary
 directory next to OUT and is moved into place only when every split is complete, so an interrupted or failed build
 leaves the previous output untouched and nothing that looks finished. An OUT that holds a different dataset (other
 name or other .mat checksum) is refused unless --overwrite; rebuilding from the same dataset replaces it cleanly.
 
 verify: checks a shard directory against its manifests (file sizes, sha256, sample counts, image ids, modality counts,
-and that every member decodes), printing every problem and exiting 1 if there is any.
+that every member decodes, and that index.json, where present, matches the tars), printing every problem and
+exiting 1 if there is any.
 
 Examples:
     python -m rock_dist.shards build --dataset_path data/nyu_depth_v2_labeled.mat --splits_path data/splits.mat \
@@ -38,11 +43,15 @@ from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import (MANIFEST_NAME, MODALITIES, Manifest, ShardInfo, load_manifest, sha256_file,
                                      source_entry)
 from rock_dist.data.nyuv2 import SPLIT_NAMES, TAR_ERRORS, NYUv2Official
+from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard, write_index
 from rock_dist.data.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample, sample_key,
                                         write_shard)
 from rock_dist.errors import ConfigError, DataError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+AUTO_TARGET_SHARDS = 64
+AUTO_MIN_SAMPLES = 16
+AUTO_MAX_SAMPLES = 1000
 _NAME_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -191,9 +200,27 @@ def _resolve_workers(requested: int, num_tasks: int) -> int:
     return max(1, min(workers, num_tasks))
 
 
+def auto_samples_per_shard(num_samples: int) -> int:
+    """Shard size for a split of `num_samples`: at least AUTO_TARGET_SHARDS shards, so that streaming on 8 ranks x
+    8 workers can give every worker a different shard, but no shard under AUTO_MIN_SAMPLES samples (tiny files cost
+    more in opens and seeks than they add in mixing) and none over AUTO_MAX_SAMPLES (large sets get more shards)."""
+    return max(AUTO_MIN_SAMPLES, min(AUTO_MAX_SAMPLES, -(-num_samples // AUTO_TARGET_SHARDS)))
+
+
+def shard_order(indices: Sequence[int], seed: int) -> list[int]:
+    """The order in which a split's images are dealt to shards: a permutation seeded by `seed` (-1: as given)."""
+    if seed < 0:
+        return [int(i) for i in indices]
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng(seed).permutation(np.asarray(indices, dtype=np.int64))]
+
+
 def _validate(cfg: ShardsBuildConfig) -> None:
-    if cfg.samples_per_shard < 1:
-        raise ConfigError(f"--samples_per_shard {cfg.samples_per_shard}: must be at least 1")
+    if cfg.samples_per_shard < 0:
+        raise ConfigError(f"--samples_per_shard {cfg.samples_per_shard}: must be at least 1 (0: automatic)")
+    if cfg.shuffle_seed < -1:
+        raise ConfigError(f"--shuffle_seed {cfg.shuffle_seed}: use a seed >= 0, or -1 to keep the .mat order")
     if not 1 <= cfg.jpeg_quality <= 100:
         raise ConfigError(f"--jpeg_quality {cfg.jpeg_quality}: must be in 1..100")
     if not _NAME_OK.match(cfg.dataset_name):
@@ -232,10 +259,18 @@ def build_shards(cfg: ShardsBuildConfig) -> dict[str, Manifest]:
     tmp_root = out.absolute().parent / f".{out.absolute().name}.building-{os.getpid()}"
     _remove_stale_temps(out.absolute())
     tasks: list[_Task] = []
+    orders: dict[str, list[int]] = {}
+    sizes: dict[str, int] = {}
     for split, indices in reader.splits.items():
         (tmp_root / split).mkdir(parents=True, exist_ok=True)
-        for k, start in enumerate(range(0, len(indices), cfg.samples_per_shard)):
-            tasks.append(_Task(split, k, tuple(indices[start:start + cfg.samples_per_shard]),
+        order = shard_order(indices, cfg.shuffle_seed)
+        size = sizes[split] = cfg.samples_per_shard or auto_samples_per_shard(len(order))
+        orders[split] = []
+        for k, start in enumerate(range(0, len(order), size)):
+            # Sorted within the shard: a normals tgz is then read forwards within each shard's block.
+            block = tuple(sorted(order[start:start + size]))
+            orders[split] += block
+            tasks.append(_Task(split, k, block,
                                str(tmp_root / split / SHARD_PATTERN.format(k)), cfg.dataset_name, cfg.image_format,
                                cfg.jpeg_quality, cfg.aux_format))
     workers = _resolve_workers(cfg.num_workers, len(tasks))
@@ -266,10 +301,12 @@ def build_shards(cfg: ShardsBuildConfig) -> dict[str, Manifest]:
                 split_dir=tmp_root / split, dataset=cfg.dataset_name, split=split, num_samples=len(indices),
                 shards=[r.info for r in parts], class_names=list(CLASS_NAMES), scene_types=list(SCENE_TYPES),
                 image_ids=[i for r in parts for i in r.image_ids], modalities=modalities,
-                image_size=[reader.height, reader.width], sources=sources, created=created)
-            if manifest.image_ids != list(indices):
+                image_size=[reader.height, reader.width], sources=sources, created=created,
+                extra={"shuffle_seed": cfg.shuffle_seed, "samples_per_shard": sizes[split]})
+            if manifest.image_ids != orders[split]:
                 raise RuntimeError(f"shard results of split {split} do not cover its images")  # a bug, not input
             manifest.save()
+            write_index(manifest.split_dir / INDEX_NAME, [scan_shard(p) for p in manifest.shard_paths()])
             manifests[split] = manifest
         _install(tmp_root, out, list(manifests))
     finally:
@@ -370,11 +407,22 @@ def verify_split(manifest: Manifest, *, decode: bool = True) -> list[str]:
             problems.append(f"{split_dir / stray}: not listed in {manifest.path}")
     image_ids: list[int] = []
     counts = dict.fromkeys(MODALITIES, 0)
+    index_path = split_dir / INDEX_NAME
+    index = read_index(index_path) if index_path.exists() else {}
+    if index is None:
+        problems.append(f"{index_path}: not a readable shard index (delete it; training rebuilds it)")
     for shard in manifest.shards:
         path = split_dir / shard.name
         if not path.is_file():
             problems.append(f"{path}: listed in the manifest but missing")
             continue
+        if index and index.get(shard.name) is not None:
+            try:
+                if scan_shard(path) != index[shard.name]:
+                    problems.append(f"{index_path}: entry of {shard.name} does not match the tar (delete the index; "
+                                    "training rebuilds it)")
+            except DataError as err:
+                problems.append(str(err))
         sha, size = sha256_file(path)
         if size != shard.bytes:
             problems.append(f"{path}: {size} bytes, manifest says {shard.bytes} (truncated or replaced?)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -14,9 +15,11 @@ import torch
 from rock_dist.data.batch import prepare_batch
 from rock_dist.data.manifest import load_manifest
 from rock_dist.data.pipeline import make_eval_loader, make_train_loader
+from rock_dist.data.shard_index import INDEX_NAME, cache_index_path
 from rock_dist.data.sources import split_source_list
 from rock_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rock_dist.errors import ConfigError, DataError
+from rock_dist.shards import verify
 
 IMG = (64, 80)
 TGT = (4, 5)
@@ -58,58 +61,167 @@ def test_train_batch_format(shard_dir: Path) -> None:
     assert stream.steps_per_epoch == manifest.num_samples // 3
 
 
-def test_ranks_split_disjoint_and_complete(shard_dir: Path) -> None:
+def _ids(batches: list[dict[str, torch.Tensor]]) -> list[int]:
+    return [int(i) for b in batches for i in b["image_id"]]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_epoch_is_one_permutation_dealt_to_ranks(shard_dir: Path, world: int) -> None:
+    """Each image exactly once per epoch over all ranks; every rank takes the same number of steps."""
     manifest = load_manifest(shard_dir / "train")
-    world = 2
+    n = manifest.num_samples
     streams = [_train(shard_dir / "train", batch_size=1, rank=r, world_size=world, seed=5) for r in range(world)]
-    assert streams[0].steps_per_epoch == streams[1].steps_per_epoch == manifest.num_samples // world
-    seen: list[set[int]] = []
-    for s in streams:
-        n = s.rank_epoch_samples()
-        ids = [int(b["image_id"][0]) for b in _take(s, n)]
-        assert len(ids) == len(set(ids)) == n
-        seen.append(set(ids))
-        # The stream repeats epochs: more batches than one epoch are available on every rank.
-        assert len(_take(s, n + 3 * s.steps_per_epoch)) == n + 3 * s.steps_per_epoch
-    assert not (seen[0] & seen[1])
-    assert seen[0] | seen[1] == set(manifest.image_ids)
+    assert {s.mode for s in streams} == {"indexed"}
+    assert len({s.steps_per_epoch for s in streams}) == 1
+    # Rank r holds global positions r, r + world, ...: the first epoch is positions 0 .. n - 1.
+    per_rank = [_ids(_take(s, -(-(n - r) // world))) for r, s in enumerate(streams)]
+    flat = [i for ids in per_rank for i in ids]
+    assert sorted(flat) == sorted(manifest.image_ids)  # every image once, none twice, across ranks
+    for s, ids in zip(streams, per_rank):  # what the workers read is what the plan says, without reading
+        assert [f"nyuv2_{i:04d}" for i in ids] == s.planned_keys(len(ids))
+    # The stream is endless: more than an epoch is there on every rank.
+    assert len(_take(streams[0], 3 * streams[0].steps_per_epoch)) == 3 * streams[0].steps_per_epoch
 
 
-def test_shard_shuffle_shared_by_ranks_and_changes_with_epoch(shard_dir: Path) -> None:
-    shards = load_manifest(shard_dir / "train").shard_paths()
-    world = 2
-    orders = []
-    for epoch in range(6):
-        per_rank = [_train(shard_dir / "train", rank=r, world_size=world, seed=1, epoch=epoch).worker_shards()[0][0]
-                    for r in range(world)]
-        # Same seeded global order on every rank: rank r holds positions r, r + world, ... of it.
-        merged = [None] * len(shards)
-        for r, urls in enumerate(per_rank):
-            merged[r::world] = urls
-        assert sorted(merged) == sorted(shards)  # type: ignore[type-var]
-        orders.append(tuple(merged))
-    assert len(set(orders)) > 1  # the epoch enters the shuffle seed
+def test_epochs_are_new_permutations_of_the_whole_split(shard_dir: Path) -> None:
+    manifest = load_manifest(shard_dir / "train")
+    n = manifest.num_samples
+    keys = _train(shard_dir / "train", seed=1).planned_keys(3 * n)
+    epochs = [keys[k * n:(k + 1) * n] for k in range(3)]
+    every = sorted(f"nyuv2_{i:04d}" for i in manifest.image_ids)
+    assert all(sorted(e) == every for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3  # the epoch enters the permutation's seed
+    assert _train(shard_dir / "train", seed=2).planned_keys(n) != epochs[0]  # and so does the seed
 
 
-def test_workers_split_disjoint(shard_dir: Path) -> None:
-    stream = _train(shard_dir / "train", num_workers=2)
-    per_worker = [urls for w in stream.worker_shards() for urls in w]
-    assert stream.num_workers == 2
-    flat = [u for urls in per_worker for u in urls]
-    assert len(flat) == len(set(flat)) == len(load_manifest(shard_dir / "train").shards)
-    assert all(per_worker)
-    batches = _take(stream, 6)  # real worker processes, batches round-robin
-    assert all(b["images"].shape == (2, 3, *IMG) for b in batches)
+def test_batches_do_not_depend_on_the_worker_count(shard_dir: Path) -> None:
+    reference = _take(_train(shard_dir / "train", num_workers=0, seed=3), 6)
+    for workers in (2, 3):  # real worker processes, batches round-robin
+        stream = _train(shard_dir / "train", num_workers=workers, seed=3)
+        assert stream.num_workers == workers
+        got = _take(stream, 6)
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(reference, got) for k in a)
 
 
-def test_too_few_shards(shard_dir: Path) -> None:
-    n = len(load_manifest(shard_dir / "train").shards)
-    with pytest.raises(DataError, match="rank"):
-        _train(shard_dir / "train", world_size=n + 1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stream = _train(shard_dir / "train", num_workers=n + 3)
-    assert stream.num_workers == n and any("workers" in str(w.message) for w in caught)
+def test_any_world_size_and_worker_count_on_one_shard(nyu_files, tmp_path: Path) -> None:
+    from rock_dist.shards import main
+
+    assert main(nyu_files.build_argv(tmp_path / "one", "--samples_per_shard", "100")) == 0
+    split = tmp_path / "one" / "train"
+    manifest = load_manifest(split)
+    assert len(manifest.shards) == 1
+    world = 4
+    streams = [_train(split, batch_size=2, rank=r, world_size=world, num_workers=3 if r == 0 else 0)
+               for r in range(world)]
+    steps = -(-manifest.num_samples // (2 * world))  # enough whole steps to cover the epoch
+    ids = [_ids(_take(s, steps)) for s in streams]
+    assert all(len(i) == 2 * steps for i in ids)  # the same number of steps on every rank
+    positions = {}  # global position -> image id: rank r's q-th sample is position q * world + r
+    for r, rank_ids in enumerate(ids):
+        positions.update({q * world + r: i for q, i in enumerate(rank_ids)})
+    first_epoch = [positions[p] for p in range(manifest.num_samples)]
+    assert sorted(first_epoch) == sorted(manifest.image_ids)
+
+
+def test_resume_at_a_global_position_any_layout(shard_dir: Path) -> None:
+    # Two real workers and more batches than one epoch, so the resume point crosses workers and epochs.
+    full = _take(_train(shard_dir / "train", num_workers=2, seed=3), 12)
+    resumed = _take(_train(shard_dir / "train", num_workers=2, seed=3, start_sample=7 * 2), 5)
+    for a, b in zip(full[7:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    stream = _train(shard_dir / "train", seed=3, num_workers=2)
+    stream.set_start_sample(10 * 2)
+    assert torch.equal(_take(stream, 1)[0]["images"], full[10]["images"])
+    # Another layout (2 ranks x batch 1) resuming at global position 14: rank r gets positions 14 + r, 16 + r, ...
+    # with the same images AND augmentations as the 1-process run, which had them in its batches 7, 8, ...
+    ranks = [_take(_train(shard_dir / "train", seed=3, batch_size=1, rank=r, world_size=2, start_sample=14), 4)
+             for r in range(2)]
+    flat_full = [{k: v[j] for k, v in b.items()} for b in full[7:] for j in range(2)]
+    for q in range(4):
+        for r in range(2):
+            expected = flat_full[2 * q + r]
+            assert torch.equal(ranks[r][q]["images"][0], expected["images"])
+            assert int(ranks[r][q]["image_id"][0]) == int(expected["image_id"])
+    # Different seed: different augmentation.
+    other = _take(_train(shard_dir / "train", num_workers=2, seed=4), 1)[0]
+    assert not torch.equal(other["images"], full[0]["images"])
+
+
+def test_stream_mode_more_workers_than_shards_and_exact_resume(shard_dir: Path) -> None:
+    n_shards = len(load_manifest(shard_dir / "train").shards)
+    kw = dict(mode="stream", seed=3, num_workers=n_shards + 1)
+    stream = _train(shard_dir / "train", **kw)
+    assert stream.mode == "stream" and stream.num_workers == n_shards + 1
+    full = _take(stream, 10)
+    assert all(b["images"].shape == (2, 3, *IMG) for b in full)
+    resumed = _take(_train(shard_dir / "train", start_sample=6 * 2, **kw), 4)
+    for a, b in zip(full[6:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_old_shard_directory_gets_an_index_on_first_use(shard_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    split = tmp_path / "train"
+    shutil.copytree(shard_dir / "train", split)
+    (split / INDEX_NAME).unlink()  # as built before the index existed
+    before = {p.name: p.read_bytes() for p in split.iterdir()}
+    keys = _train(split, seed=1).planned_keys(4)
+    assert "indexed" in capfd.readouterr().err and (split / INDEX_NAME).is_file()
+    assert {p.name: p.read_bytes() for p in split.iterdir() if p.name != INDEX_NAME} == before  # nothing else
+    assert keys == _train(shard_dir / "train", seed=1).planned_keys(4)
+    # A directory where index.json cannot be written keeps its index in the cache instead.
+    (split / INDEX_NAME).unlink()
+    (split / INDEX_NAME).mkdir()
+    monkeypatch.setenv("ROCK_DIST_CACHE_DIR", str(tmp_path / "cache"))
+    assert _train(split, seed=1).planned_keys(4) == keys
+    assert str(cache_index_path(split)) in capfd.readouterr().err and cache_index_path(split).is_file()
+
+
+def test_index_that_does_not_match_its_shard(shard_dir: Path, tmp_path: Path) -> None:
+    split = tmp_path / "train"
+    shutil.copytree(shard_dir / "train", split)
+    index = json.loads((split / INDEX_NAME).read_text())
+    first = index["shards"][0]
+    first["spans"][0], first["spans"][1] = first["spans"][1], first["spans"][0]  # same sizes, wrong places
+    (split / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(DataError, match=f"{first['name']}.*index does not match"):
+        _take(_train(split, batch_size=1), 2 * load_manifest(split).num_samples)
+    problems, _ = verify(split)
+    assert any(INDEX_NAME in p and first["name"] in p for p in problems)
+
+
+def test_batches_mix_scenes_like_uniform_sampling(tmp_path: Path) -> None:
+    """On a split stored scene by scene (3 consecutive frames per scene, shards not shuffled), the mean number of
+    distinct scenes per batch over one epoch is within 10 % of what uniform random batches give."""
+    from rock_dist.data.synthetic import load_ground_truth, make_random_dataset
+    from rock_dist.shards import main
+
+    paths = make_random_dataset(tmp_path / "nyu", 240, 7, 48, 64, with_val=False, with_normals=False)
+    truth = load_ground_truth(paths.ground_truth_path)
+    assert main(["build", "--dataset_path", str(paths.dataset_path), "--splits_path", str(paths.splits_path),
+                 "--out", str(tmp_path / "shards"), "--no_normals", "--num_workers", "1", "--no_progress",
+                 "--samples_per_shard", "16", "--shuffle_seed", "-1"]) == 0
+    split = tmp_path / "shards" / "train"
+    ids = load_manifest(split).image_ids
+    scene = {i: truth[i]["scene_name"] for i in ids}
+    assert ids == sorted(ids)  # scene-ordered shards: the worst case for shard-level shuffling
+    batch, world = 8, 2
+    steps = len(ids) // (batch * world)
+    distinct = []
+    for r in range(world):
+        stream = _train(split, batch_size=batch, rank=r, world_size=world, num_workers=2, seed=11)
+        distinct += [len({scene[int(i)] for i in b["image_id"]}) for b in _take(stream, steps)]
+    measured = sum(distinct) / len(distinct)
+    # Uniform sampling without replacement: scene c (n_c of N images) is missed by a batch with probability
+    # C(N - n_c, B) / C(N, B).
+    n = len(ids)
+    sizes = [sum(1 for i in ids if scene[i] == c) for c in set(scene.values())]
+    expected = sum(1 - math.comb(n - k, batch) / math.comb(n, batch) for k in sizes)
+    print(f"distinct scenes per batch: measured {measured:.2f}, uniform {expected:.2f}")
+    assert abs(measured - expected) <= 0.1 * expected, (measured, expected)
+    # Reading the shards in order would have given about 3 scenes per batch of 8.
+    assert expected > 6
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
@@ -134,20 +246,6 @@ def test_eval_is_deterministic(shard_dir: Path) -> None:
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
-def test_resume_start_batch_is_exact(shard_dir: Path) -> None:
-    # Two real workers and more batches than one epoch, so the skip crosses workers and epochs.
-    full = _take(_train(shard_dir / "train", num_workers=2, seed=3), 12)
-    resumed = _take(_train(shard_dir / "train", num_workers=2, seed=3, start_batch=7), 5)
-    for a, b in zip(full[7:], resumed):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    stream = _train(shard_dir / "train", seed=3, num_workers=2)
-    stream.set_start_batch(10)
-    assert torch.equal(_take(stream, 1)[0]["images"], full[10]["images"])
-    # Different seed: different augmentation.
-    other = _take(_train(shard_dir / "train", num_workers=2, seed=4), 1)[0]
-    assert not torch.equal(other["images"], full[0]["images"])
-
-
 def test_missing_modalities_give_flags(partial_shard_dir: Path) -> None:
     batches = _take(_train(partial_shard_dir / "train", batch_size=4), 6)
     has_scene = torch.cat([b["has_scene"] for b in batches])
@@ -167,7 +265,7 @@ def test_mixing_weights(shard_dir: Path, partial_shard_dir: Path) -> None:
     assert 0.12 < normals < 0.40  # expected 1/4 of samples from the set with normals
     total = load_manifest(shard_dir / "train").num_samples + load_manifest(partial_shard_dir / "train").num_samples
     assert stream.steps_per_epoch == total // 8
-    resumed = _take(_train(spec, batch_size=8, start_batch=13), 3)
+    resumed = _take(_train(spec, batch_size=8, start_sample=13 * 8), 3)
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(batches[13:], resumed))
     with pytest.raises(ConfigError, match="weight"):
         _train(f"{shard_dir / 'train'}:1,{partial_shard_dir / 'train'}")
@@ -179,8 +277,9 @@ def test_source_strings(shard_dir: Path) -> None:
     names = [s.name for s in load_manifest(shard_dir / "train").shards]
     first, last = names[0][len("shard-"):-4], names[-1][len("shard-"):-4]
     pattern = f"{shard_dir / 'train'}/shard-{{{first}..{last}}}.tar"
-    for spec in (pattern, f"pipe:cat {pattern}"):  # the pipe: source fetches its manifest with `cat` too
+    for spec, mode in ((pattern, "indexed"), (f"pipe:cat {pattern}", "stream")):  # pipe: manifest via `cat` too
         stream = _train(spec)
+        assert stream.mode == mode
         assert stream.num_samples == load_manifest(shard_dir / "train").num_samples
         assert _take(stream, 1)[0]["images"].shape == (2, 3, *IMG)
     with pytest.raises(DataError, match="not found"):

@@ -22,7 +22,8 @@ from rock_dist.data.manifest import BUILDER_VERSION, load_manifest
 from rock_dist.data.nyuv2 import NYUv2Official
 from rock_dist.data.synthetic import make_random_dataset
 from rock_dist.errors import ConfigError, DataError
-from rock_dist.shards import main, verify
+from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard
+from rock_dist.shards import auto_samples_per_shard, main, shard_order, verify
 
 from numerics import HANG_GUARD_S
 
@@ -74,8 +75,14 @@ def test_manifests_describe_the_splits(shard_dir: Path, nyu_files) -> None:
         m = load_manifest(shard_dir / split)
         expected = sorted(i for i, t in nyu_files.ground_truth.items() if t["split"] == split)
         assert m.split == split and m.dataset == "nyuv2" and m.builder_version == BUILDER_VERSION
-        assert m.image_ids == expected and m.num_samples == len(expected)
+        # Dealt to shards in the seeded order of shard_order (sorted within each shard), recorded in the manifest.
+        assert sorted(m.image_ids) == expected and m.num_samples == len(expected)
+        order = shard_order(expected, 0)
+        assert m.extra["shuffle_seed"] == 0 and m.extra["samples_per_shard"] == 4
+        assert m.image_ids == [i for k in range(0, len(order), 4) for i in sorted(order[k:k + 4])]
         assert [s.num_samples for s in m.shards][:-1] == [4] * (len(m.shards) - 1)
+        index = read_index(shard_dir / split / INDEX_NAME)
+        assert index is not None and [index[s.name] for s in m.shards] == [scan_shard(p) for p in m.shard_paths()]
         assert sum(s.num_samples for s in m.shards) == m.num_samples
         assert m.class_names == list(CLASS_NAMES) and m.scene_types == list(SCENE_TYPES)
         assert m.image_size == [nyu_files.height, nyu_files.width]
@@ -381,8 +388,10 @@ def test_bad_inputs_in_process(nyu_files, tmp_path: Path) -> None:
     (root / "normals_gt" / "masks" / "0000.png").unlink()
     with pytest.raises(DataError, match=r"normals_gt: has 23 masks for 24 images"):
         main(argv)
-    with pytest.raises(ConfigError, match=r"--samples_per_shard 0"):
-        main(nyu_files.build_argv(out, "--samples_per_shard", "0"))
+    with pytest.raises(ConfigError, match=r"--samples_per_shard -1"):
+        main(nyu_files.build_argv(out, "--samples_per_shard", "-1"))
+    with pytest.raises(ConfigError, match=r"--shuffle_seed -2"):
+        main(nyu_files.build_argv(out, "--shuffle_seed", "-2"))
     with pytest.raises(ConfigError, match=r"--dataset_name 'a\.b'"):
         main(nyu_files.build_argv(out, "--dataset_name", "a.b"))
     assert not out.exists() and not list(tmp_path.glob(".*building*"))
@@ -413,3 +422,28 @@ def test_a_failed_install_restores_the_previous_output(tmp_path, monkeypatch) ->
         shards_cli._install(tmp_root, out, ["train", "test"])
     for split in ("train", "test"):
         assert (out / split / "manifest.json").read_text() == f'{{"old": "{split}"}}'
+
+
+def test_automatic_shard_size_rule() -> None:
+    # At least 64 shards where that leaves 16+ samples each; never under 16 or over 1000 samples per shard.
+    assert [auto_samples_per_shard(n) for n in (9, 673, 795, 1024, 1025, 64_000, 1_000_000)] == \
+        [16, 16, 16, 16, 17, 1000, 1000]
+
+
+def test_shards_mix_scenes_and_keep_order_on_request(nyu_files, tmp_path: Path) -> None:
+    """The synthetic frames are stored scene by scene like NYUv2; shuffled shards each mix several scenes."""
+    scene_of = {i: t["scene_name"] for i, t in nyu_files.ground_truth.items()}
+
+    def scenes_per_shard(out: Path) -> list[int]:
+        m = load_manifest(out / "test")
+        ids = iter(m.image_ids)
+        return [len({scene_of[next(ids)] for _ in range(s.num_samples)}) for s in m.shards]
+
+    assert main(nyu_files.build_argv(tmp_path / "kept", "--samples_per_shard", "4", "--shuffle_seed", "-1")) == 0
+    assert main(nyu_files.build_argv(tmp_path / "mixed", "--samples_per_shard", "4")) == 0
+    kept, mixed = scenes_per_shard(tmp_path / "kept"), scenes_per_shard(tmp_path / "mixed")
+    assert load_manifest(tmp_path / "kept" / "test").image_ids == sorted(load_manifest(tmp_path / "kept" / "test")
+                                                                       .image_ids)
+    assert sum(mixed) > sum(kept), (kept, mixed)
+    assert main(nyu_files.build_argv(tmp_path / "auto")) == 0  # default: automatic size, one shard of 12 here
+    assert [s.num_samples for s in load_manifest(tmp_path / "auto" / "test").shards] == [12]

@@ -399,4 +399,4 @@ def test_val_path_auto_takes_the_sibling_val_split_and_never_the_test_split(shar
 def test_color_jitter_flag_reaches_the_training_stream(shard_dir: Path, tmp_path: Path) -> None:
     trainer = Trainer(make_cfg(shard_dir, tmp_path, "--color_jitter", "none", "--num_iters", "1"))
     trainer._open_stream()
-    assert trainer._stream._plan.transform.jitter == "none"
+    assert trainer._stream._transform.jitter == "none"

@@ -1,15 +1,16 @@
 """Multi-process training through the REAL launcher (`accelerate launch` via launch/*.sh), 2 CPU processes on gloo.
 
-Covers SPEC §8: the world size is asserted (2 processes really joined one group), ranks train on disjoint shards,
+Covers: the world size is asserted (2 or 4 processes really joined one group), ranks train on disjoint samples,
 parameters end identical on every rank (with gradient accumulation under DDP), the LR schedule counts global
 iterations, a non-finite loss on one rank stops both at the same step with no checkpoint after it, a rank without
-data fails before training instead of hanging, a checkpoint written by 2 processes resumes in 1, a two-machine
+data error met by one rank only stops all of them before training instead of hanging, any world size trains on a
+one-shard split with every image once per epoch, a mid-epoch resume is bit-identical with the same layout and
+continues the data exactly in 1 process, a checkpoint written by 2 processes resumes in 1, a two-machine
 launch (two launcher invocations, machine ranks 0 and 1, one process each) works on loopback, and the baseline SSD
 and a subset of auxiliary tasks train under DDP (no parameter without a gradient).
 
 Each rank reports through the test hook ROCK_DIST_RECORD_DIR (see rock_dist.engine.trainer). Model: resnet18,
-input 128x160, --pretrained none, batch 2 per process; shards with one sample each so that 2 ranks get disjoint,
-nearly equal shard sets.
+input 128x160, --pretrained none, batch 2 per process; shards with one sample each, or the whole split in one shard.
 """
 
 from __future__ import annotations
@@ -143,19 +144,118 @@ def test_nonfinite_loss_stops_both_ranks(one_per_shard: Path, tmp_path: Path) ->
     assert not [p for p in save.iterdir() if p.name.startswith(".")]  # no half-written temporary file
 
 
-def test_rank_without_data_fails_before_training(nyu_files: Any, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_shard(nyu_files: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The conftest's synthetic dataset with the whole train split (9 images) in ONE shard."""
     from rock_dist.shards import main
 
-    shards = tmp_path / "one_shard"
-    assert main(nyu_files.build_argv(shards, "--samples_per_shard", "100")) == 0  # train = 1 shard, 2 ranks
-    cmd = [str(LAUNCH / "cpu_2proc.sh"), "--train_path", str(shards / "train"), "--val_path", "", *SMALL,
+    out = tmp_path_factory.mktemp("shards_one") / "nyuv2"
+    assert main(nyu_files.build_argv(out, "--samples_per_shard", "100")) == 0
+    assert len(list((out / "train").glob("*.tar"))) == 1
+    return out
+
+
+def _positions(records: list[dict[str, Any]], batch: int, accumulation: int = 1,
+               first_step: int = 0) -> dict[int, int]:
+    """Global stream position -> image id, from every rank's record: rank r's q-th sample is position q * R + r."""
+    world = len(records)
+    out: dict[int, int] = {}
+    for r, rec in enumerate(records):
+        for s, ids in enumerate(rec["image_ids"]):
+            for k, image_id in enumerate(ids):
+                q = (first_step + s) * accumulation * batch + k
+                out[q * world + r] = image_id
+    return out
+
+
+def _launch(n: int, args: list[str], record: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH / "cpu_2proc.sh"), *args],
+                          env=_env(NUM_PROCESSES=str(n), ROCK_DIST_RECORD_DIR=str(record), MAIN_PORT=str(_free_port())),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
+@pytest.mark.parametrize("processes", [2, 4])
+def test_launch_on_one_shard_sees_each_image_once_per_epoch(one_shard: Path, tmp_path: Path,
+                                                            processes: int) -> None:
+    from rock_dist.data.manifest import load_manifest
+
+    ids = load_manifest(one_shard / "train").image_ids
+    steps = -(-len(ids) // (2 * processes))  # iterations of 2 images per process that cover one epoch
+    args = ["--train_path", str(one_shard / "train"), "--val_path", "", *SMALL, "--num_iters", str(steps),
+            "--model_save_freq", "0", "--save_path", str(tmp_path / "ckpt")]
+    proc = _launch(processes, args, tmp_path / "record")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = _records(tmp_path / "record", processes)
+    assert all(r["world_size"] == processes for r in recs)
+    assert {len(r["image_ids"]) for r in recs} == {steps}  # the same number of steps on every rank
+    assert len({r["digest"] for r in recs}) == 1
+    seen = _positions(recs, batch=2)
+    assert sorted(seen[p] for p in range(len(ids))) == sorted(ids)  # the epoch: every image exactly once
+
+
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
+def test_resume_mid_epoch_exact_same_layout_and_complete_in_one_process(one_shard: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    train = ["--train_path", str(one_shard / "train"), "--val_path", "", *SMALL, "--lr", "1e-4"]
+    full = _launch(2, [*train, "--num_iters", "4", "--model_save_freq", "1", "--save_path", str(tmp_path / "a")],
+                   tmp_path / "rec_full")
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    saved = dict(ckpt.periodic_checkpoints(tmp_path / "a"))
+    assert ckpt.read_checkpoint(saved[1])["samples_seen"] == 4  # 1 iteration x 2 processes x 2 images
+    # Same layout, resumed at iteration 1 (mid-epoch: 4 of 9 images seen): bit-identical to the uninterrupted run.
+    part = _launch(2, [*train, "--num_iters", "4", "--model_save_freq", "0", "--save_path", str(tmp_path / "b"),
+                       "--checkpoint_path", str(saved[1])], tmp_path / "rec_part")
+    assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
+    assert "exact continuation" in part.stdout
+    recs_full, recs_part = _records(tmp_path / "rec_full"), _records(tmp_path / "rec_part")
+    for a, b in zip(recs_full, recs_part):
+        assert b["losses"] == a["losses"][1:] and b["image_ids"] == a["image_ids"][1:]
+        assert b["digest"] == a["digest"]
+    # 2 -> 1 process (batch 4, the same global batch): the data continues at global position 4, nothing repeated
+    # or skipped within the epoch.
+    from rock_dist.config import TrainConfig, parse_config
+    from rock_dist.engine.trainer import train as run_training
+
+    monkeypatch.setenv("ROCK_DIST_RECORD_DIR", str(tmp_path / "rec_one"))
+    args = [a if a != "2" else "4" for a in train]  # --batch_size 2 -> 4
+    cfg = parse_config(TrainConfig, [*args, "--num_iters", "4", "--checkpoint_path", str(saved[1]),
+                                     "--save_path", str(tmp_path / "c"), "--model_save_freq", "0", "--no_verbose"])
+    assert cfg.data.batch_size == 4
+    assert run_training(cfg).step == 4
+    one = json.loads((tmp_path / "rec_one" / "rank0.json").read_text())
+    expected = _positions(recs_full, batch=2)
+    resumed = {4 + k: i for k, i in enumerate(x for ids in one["image_ids"] for x in ids)}
+    assert resumed == {p: expected[p] for p in range(4, 16)}
+
+
+def test_a_data_error_on_one_rank_stops_both_before_training(one_shard: Path, tmp_path: Path) -> None:
+    """A corrupt image that only rank 1 meets in its first batch: both ranks stop with its message, nothing saved."""
+    import shutil
+
+    from rock_dist.data.pipeline import make_train_loader
+
+    split = tmp_path / "train"
+    shutil.copytree(one_shard / "train", split)
+    stream = make_train_loader(str(split), image_size=(128, 160), target_size=(16, 20), batch_size=2, num_workers=0,
+                               seed=0, rank=1, world_size=2)
+    victim = stream.planned_keys(1)[0]
+    index = json.loads((split / "index.json").read_text())
+    start = next(sp[0] for sh in index["shards"] for k, sp in zip(sh["keys"], sh["spans"]) if k == victim)
+    with open(split / index["shards"][0]["name"], "r+b") as tar:
+        tar.seek(start)
+        assert tar.read(100).rstrip(b"\0").decode() == f"{victim}.rgb.jpg"
+        tar.seek(start + 512)
+        tar.write(b"\0" * 64)  # the JPEG's start: no longer an image
+    cmd = [str(LAUNCH / "cpu_2proc.sh"), "--train_path", str(split), "--val_path", "", *SMALL,
            "--num_iters", "2", "--save_path", str(tmp_path / "ckpt")]
     proc = subprocess.run(cmd, env=_env(MAIN_PORT=str(_free_port())), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert output.count("error: no training data on some process before training started") == 2, output[-4000:]
-    assert "some rank would get no shard" in output
+    assert output.count("error: the training data failed on some process before training started: rank 1") == 2, \
+        output[-4000:]
+    assert victim in output and "cannot decode" in output
     assert not (tmp_path / "ckpt").exists()
 
 

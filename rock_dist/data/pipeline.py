@@ -1,28 +1,28 @@
-"""WebDataset training and evaluation loaders: sharded, seeded, split by rank and worker, batched in the workers.
+"""WebDataset training and evaluation loaders: seeded, split by rank and worker, batched in the workers.
 
-Called by the trainer (`make_train_loader`), evaluation (`make_eval_loader`) and the benchmarks. Batches follow
-contract §3 (see `rock_dist.data.batch.collate`); move them with `rock_dist.data.batch.prepare_batch`. Never pass
-these loaders through `accelerator.prepare` (SPEC §8): the split by rank is done here.
+Called by the trainer (`make_train_loader`), evaluation (`make_eval_loader`) and the benchmarks. Batches follow the
+format of `rock_dist.data.batch.collate`; move them with `rock_dist.data.batch.prepare_batch`. Never pass these
+loaders through `accelerator.prepare`: the split by rank is done here. docs/data_pipeline.md explains the modes for
+users.
 
-Training stream (per source, per epoch e):
-  1. the source's shard list is shuffled with a seed made of (seed, source, e) — identical on every rank;
-  2. rank r takes shards r, r + R, ... (R = world size); then worker w of that rank takes every W-th of those;
-  3. each worker reads its shards in order through a sample shuffle buffer seeded by (seed, source, e, r, w),
-     augments every sample with its own RNG seeded by (seed, source, e, r, w, position), and collates batches.
-Several sources are mixed per sample with their weights (RNG seeded by (seed, r, w, first epoch)). Each worker's
-stream runs through epochs forever, so every rank can take exactly as many steps as the trainer asks (it stops at
-num_iters); `steps_per_epoch` = total samples // (batch size x world size), from the manifests alone.
+Training has two modes (`mode`, the trainer's `--data_mode`):
 
-Worker count: a rank has at least floor(n_shards / R) shards of every source; if that is fewer than the requested
-workers, the worker count is reduced (with a warning); a rank without a shard is a DataError at construction.
+- **indexed** (default for local shards): random access by sample through a byte-span index of every shard
+  (`rock_dist.data.shard_index`). An epoch of each source is one seeded permutation of all its samples, the same on
+  every rank, dealt to ranks by sample and to workers by batch (`rock_dist.data.epoch_plan`), so any world size and
+  worker count work on any shard count (one shard included), every sample is seen exactly once per epoch over all
+  ranks, every rank takes the same number of steps, and batches are drawn from the whole split. The stream's
+  position is global (samples consumed by all ranks together): ``start_sample=P`` resumes bit-identically with the
+  same layout and exactly (nothing repeated or skipped) with another world size or batch size.
+- **stream** (remote ``pipe:`` / http sources, tars the index cannot follow, or when asked): each loader worker of
+  each rank draws shards with replacement (RNG seeded by (seed, source, round, rank, worker)), reads them
+  sequentially through a sample shuffle buffer that is flushed at the end of each round of draws, and mixes sources
+  per sample. Epochs are approximate (a shard may be read twice before another is read once); there is no limit on
+  ranks or workers per shard. Resume skips whole rounds by arithmetic on the manifest counts and the rest by reading
+  tar members without decoding: bit-identical with the same layout, approximate otherwise.
 
-Resume: ``start_batch=k`` makes this rank's stream start at its k-th batch (counted from `epoch`). The DataLoader
-hands out worker batches round-robin, so batch j of the rank is batch j // W of (logical) worker j % W; on resume
-physical worker p plays logical worker (p + k) mod W (the loader always starts with worker 0), and each skips its
-share of raw samples before decoding (whole epochs are skipped by arithmetic on the manifest counts, the rest by
-reading tar members without decoding them). Because every random decision depends only on positions, the resumed
-stream is bit-identical to the uninterrupted one, provided seed, sources, world size, num_workers (after the
-reduction above), batch_size and shuffle_buffer are unchanged.
+Both modes augment every sample with its own seeded RNG and run through epochs forever, so every rank can take
+exactly as many steps as the trainer asks; `steps_per_epoch` = total samples // (batch size x world size).
 
 Evaluation: shards in manifest order, split by rank (shard r, r + R, ...) when there are at least R shards,
 otherwise by sample (global sample index modulo R); then by worker. Every image is seen exactly once over all ranks;
@@ -44,11 +44,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rock_dist.data.batch import collate
-from rock_dist.data.sources import Shard, Source, iter_shard, load_sources, stable_seed
+from rock_dist.data.epoch_plan import EpochPlan, ShardMap, rank_position
+from rock_dist.data.shard_index import IndexUnsupported, ShardIndex, ShardReader, load_or_build_index
+from rock_dist.data.sources import Shard, Source, is_remote, iter_shard, load_sources, stable_seed
 from rock_dist.data.transforms import EvalTransform, TrainTransform, decode_sample
 from rock_dist.errors import ConfigError, DataError
 
 Size = tuple[int, int]
+DataMode = Literal["auto", "indexed", "stream"]
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,6 @@ def _worker_id(expected: int) -> tuple[int, int]:
     return info.id, info.num_workers
 
 
-def _shuffled(items: list[Any], seed: int) -> list[Any]:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out
-
-
 def _buffer_shuffle(samples: Iterable[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
     """Shuffle a stream with a buffer of `size` raw samples; deterministic for a given rng; flushed at the end."""
     if size <= 1:
@@ -114,52 +111,108 @@ def _buffer_shuffle(samples: Iterable[dict[str, Any]], size: int, rng: random.Ra
 
 # ------------------------------------------------------------------------------------------------------ training
 @dataclass
-class _TrainPlan:
-    """Everything a worker needs; plain data so it pickles into worker processes."""
+class _IndexedPlan:
+    """Everything an indexed-mode worker needs; plain data so it pickles into worker processes."""
+
+    urls: list[list[str]]  # per source, per shard
+    indexes: list[list[ShardIndex]]  # per source, per shard
+    probs: list[float]
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers, >= 1 (0 real workers counts as 1)
+    batch_size: int
+    start_sample: int  # global stream position of this stream's first sample
+    transform: TrainTransform
+
+    def epoch_plan(self) -> EpochPlan:
+        return EpochPlan([sum(len(ix.keys) for ix in src) for src in self.indexes], self.probs, self.seed)
+
+
+def _planned_samples(plan: _IndexedPlan, epoch_plan: EpochPlan, maps: list[ShardMap],
+                     first: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+    """(source, shard number, index in shard, augmentation seed) of this rank's samples first .. first + count - 1."""
+    for q in range(first, first + count):
+        s, i, aug = epoch_plan.locate(rank_position(plan.start_sample, q, plan.rank, plan.world_size))
+        k, local = maps[s](i)
+        yield s, k, local, aug
+
+
+class _IndexedDataset(IterableDataset):
+    def __init__(self, plan: _IndexedPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[Any]:
+        plan = self.plan
+        worker, nw = _worker_id(plan.num_workers)
+        epoch_plan = plan.epoch_plan()
+        maps = [ShardMap([len(ix.keys) for ix in src]) for src in plan.indexes]
+        reader = ShardReader()
+        try:
+            j = worker  # the DataLoader asks workers round-robin: batch j of the rank comes from worker j mod W
+            while True:
+                batch = []
+                for s, k, local, aug in _planned_samples(plan, epoch_plan, maps, j * plan.batch_size,
+                                                         plan.batch_size):
+                    index = plan.indexes[s][k]
+                    raw = reader.read(plan.urls[s][k], index.keys[local], index.spans[local])
+                    sample = decode_sample(raw, where=f"{plan.urls[s][k]}:{index.keys[local]}")
+                    batch.append(plan.transform(sample, random.Random(aug)))
+                yield collate(batch)
+                j += nw
+        except DataError as err:
+            yield WorkerFailure(str(err))
+        finally:
+            reader.close()
+
+
+@dataclass
+class _StreamPlan:
+    """Everything a stream-mode worker needs; plain data so it pickles into worker processes."""
 
     sources: list[Source]
     probs: list[float]
     seed: int
     rank: int
     world_size: int
-    num_workers: int  # effective, >= 1 logical workers (0 real workers counts as 1)
+    num_workers: int  # logical workers, >= 1
     batch_size: int
     shuffle_buffer: int
-    epoch: int
-    start_batch: int
+    start_batch: int  # this rank's batches to skip
     transform: TrainTransform
 
-    def worker_shards(self, source_index: int, epoch: int, worker: int) -> list[Shard]:
-        src = self.sources[source_index]
-        order = _shuffled(src.shards, stable_seed("shards", self.seed, source_index, epoch))
-        return order[self.rank::self.world_size][worker::self.num_workers]
+    def round_shards(self, source_index: int, round_no: int, worker: int) -> list[Shard]:
+        """The shards one worker reads in one round: drawn with replacement, as many as an even share of the
+        source would give each worker of each rank (at least one)."""
+        shards = self.sources[source_index].shards
+        draws = max(1, -(-len(shards) // (self.world_size * self.num_workers)))
+        rng = random.Random(stable_seed("draw", self.seed, source_index, round_no, self.rank, worker))
+        return [shards[rng.randrange(len(shards))] for _ in range(draws)]
 
 
-def _source_stream(plan: _TrainPlan, s: int, worker: int, skip: int) -> Iterator[tuple[dict[str, Any], int]]:
-    """(raw sample, augmentation seed) pairs of source `s` for one worker, through all epochs, after `skip` samples."""
-    epoch = plan.epoch
+def _source_stream(plan: _StreamPlan, s: int, worker: int, skip: int) -> Iterator[tuple[dict[str, Any], int]]:
+    """(raw sample, augmentation seed) pairs of source `s` for one worker, through all rounds, after `skip` samples."""
+    round_no = 0
     while True:
-        shards = plan.worker_shards(s, epoch, worker)
-        n_epoch = sum(sh.num_samples or 0 for sh in shards)
-        if n_epoch == 0:  # cannot happen after planning; guard against an endless loop on empty shards
-            raise DataError(f"source {plan.sources[s].spec!r}: rank {plan.rank} worker {worker} has no samples in "
-                            f"epoch {epoch}")
-        if skip >= n_epoch:  # skip a whole epoch without touching the tars
-            skip -= n_epoch
-            epoch += 1
+        shards = plan.round_shards(s, round_no, worker)
+        n_round = sum(sh.num_samples or 0 for sh in shards)
+        if skip >= n_round:  # skip a whole round without touching the tars
+            skip -= n_round
+            round_no += 1
             continue
-        rng = random.Random(stable_seed("buffer", plan.seed, s, epoch, plan.rank, worker))
+        rng = random.Random(stable_seed("buffer", plan.seed, s, round_no, plan.rank, worker))
         raw = (sample for shard in shards for sample in iter_shard(shard))
         for position, sample in enumerate(_buffer_shuffle(raw, plan.shuffle_buffer, rng)):
             if skip:
                 skip -= 1
                 continue
-            yield sample, stable_seed("augment", plan.seed, s, epoch, plan.rank, worker, position)
-        epoch += 1
+            yield sample, stable_seed("augment", plan.seed, s, round_no, plan.rank, worker, position)
+        round_no += 1
 
 
-class _TrainDataset(IterableDataset):
-    def __init__(self, plan: _TrainPlan) -> None:
+class _StreamDataset(IterableDataset):
+    def __init__(self, plan: _StreamPlan) -> None:
         super().__init__()
         self.plan = plan
 
@@ -175,7 +228,7 @@ class _TrainDataset(IterableDataset):
         try:
             # The mixing decisions depend only on their position, so the choices for the skipped samples are
             # replayed here first, which tells each source how many raw samples to skip.
-            mix_rng = random.Random(stable_seed("mix", plan.seed, plan.rank, worker, plan.epoch))
+            mix_rng = random.Random(stable_seed("mix", plan.seed, plan.rank, worker))
             skips = [0] * len(plan.sources)
             for _ in range(skip_samples if len(plan.sources) > 1 else 0):
                 skips[_choose(mix_rng, plan.probs)] += 1
@@ -221,91 +274,116 @@ def _raise_failures(batches: Iterable[Any]) -> Iterator[dict[str, torch.Tensor]]
         yield batch
 
 
+def _check_sources(sources: list[Source]) -> None:
+    for src in sources:
+        if not src.counts_known:
+            raise DataError(f"source {src.spec!r}: no sample counts; the training loader plans equal steps per "
+                            "rank from manifests")
+        empty = [sh.url for sh in src.shards if not sh.num_samples]
+        if empty:
+            raise DataError(f"shard {empty[0]} of source {src.spec!r} holds no samples; remove it or rebuild")
+
+
+def _resolve_mode(sources: list[Source], mode: DataMode) -> tuple[Literal["indexed", "stream"],
+                                                                   list[list[ShardIndex]] | None]:
+    """The mode to run in and, for indexed mode, every shard's index (built on first use)."""
+    if mode not in ("auto", "indexed", "stream"):
+        raise ConfigError(f"--data_mode {mode!r}: use auto, indexed or stream")
+    if mode == "stream":
+        return "stream", None
+    remote = [src.spec for src in sources if any(is_remote(sh.url) for sh in src.shards)]
+    if remote:
+        if mode == "indexed":
+            raise ConfigError(f"--data_mode indexed needs local shard files; {remote[0]!r} is remote (use "
+                              "--data_mode stream or auto)")
+        return "stream", None
+    try:
+        return "indexed", [load_or_build_index(src.shards) for src in sources]
+    except IndexUnsupported as err:
+        if mode == "indexed":
+            raise
+        warnings.warn(f"data loader: {err}; falling back to --data_mode stream (approximate epochs)", stacklevel=3)
+        return "stream", None
+
+
 class TrainStream:
     """Endless stream of training batches for one rank (see the module docstring).
 
-    Attributes: `steps_per_epoch` (equal on every rank), `num_workers` (effective), `num_samples` (all sources),
-    `epoch` and `start_batch` (where the next iteration starts), `sources`.
+    Attributes: `mode` ("indexed" or "stream"), `steps_per_epoch` (equal on every rank), `num_workers` (real
+    worker processes), `num_samples` (all sources), `start_sample` (global position of the next iteration's first
+    sample), `sources`.
     """
 
     def __init__(self, sources: list[Source], *, image_size: Size, target_size: Size, batch_size: int,
                  num_workers: int, seed: int, rank: int, world_size: int, force_crops: bool = False,
-                 no_crops: bool = False, epoch: int = 0, shuffle_buffer: int = 256, start_batch: int = 0,
-                 color_jitter: Literal["device", "cpu", "none"] = "device") -> None:
+                 no_crops: bool = False, start_sample: int = 0, shuffle_buffer: int = 256,
+                 color_jitter: Literal["device", "cpu", "none"] = "device", mode: DataMode = "auto") -> None:
         _check_common(image_size, target_size, batch_size, num_workers, rank, world_size)
-        if start_batch < 0 or epoch < 0:
-            raise ConfigError(f"start_batch {start_batch} / epoch {epoch}: must be >= 0")
-        for src in sources:
-            if not src.counts_known:
-                raise DataError(f"source {src.spec!r}: no sample counts; the training loader plans equal steps per "
-                                "rank from manifests (SPEC §8)")
-            if len(src.shards) < world_size:
-                raise DataError(f"source {src.spec!r} has {len(src.shards)} shard(s) for {world_size} ranks: some "
-                                "rank would get no shard; rebuild with a smaller --samples_per_shard or use fewer "
-                                "processes")
-            empty = [sh.url for sh in src.shards if not sh.num_samples]
-            if empty:
-                raise DataError(f"shard {empty[0]} of source {src.spec!r} holds no samples; remove it or rebuild")
+        if start_sample < 0:
+            raise ConfigError(f"start_sample {start_sample}: must be >= 0")
+        _check_sources(sources)
         self.sources = sources
+        self.mode, indexes = _resolve_mode(sources, mode)
         requested = default_num_workers(world_size) if num_workers == -1 else num_workers
-        per_rank = min(len(src.shards) // world_size for src in sources)
-        effective = min(max(1, requested), per_rank)
-        if requested > effective:
-            warnings.warn(f"data loader: {requested} workers requested but each rank has only {per_rank} shard(s) "
-                          f"of the smallest source; using {effective} workers (rebuild with a smaller "
-                          "--samples_per_shard to use more)", stacklevel=2)
-        self._real_workers = 0 if requested == 0 else effective
-        self.num_workers = self._real_workers
+        self.num_workers = requested
         weights = [src.weight if src.weight is not None else float(src.num_samples) for src in sources]
-        total_w = sum(weights)
+        self.probs = [w / sum(weights) for w in weights]
         self.num_samples = sum(src.num_samples for src in sources)
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
         self.steps_per_epoch = max(1, self.num_samples // (batch_size * world_size))
-        self._plan = _TrainPlan(sources=sources, probs=[w / total_w for w in weights], seed=seed, rank=rank,
-                                world_size=world_size, num_workers=max(1, effective), batch_size=batch_size,
-                                shuffle_buffer=shuffle_buffer, epoch=epoch, start_batch=start_batch,
-                                transform=TrainTransform(image_size, target_size, force_crops=force_crops, no_crops=no_crops,
-                                                         jitter=color_jitter))
+        self._indexes = indexes
+        self._transform = TrainTransform(image_size, target_size, force_crops=force_crops, no_crops=no_crops,
+                                         jitter=color_jitter)
+        self.start_sample = int(start_sample)
         self._loader: DataLoader | None = None
 
     # -- planning ------------------------------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return self._plan.epoch
-
-    @property
-    def start_batch(self) -> int:
-        return self._plan.start_batch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at the beginning of `epoch` (and forget any start_batch)."""
-        self._plan.epoch, self._plan.start_batch = int(epoch), 0
+    def set_start_sample(self, start_sample: int) -> None:
+        """Start the next iteration at global stream position `start_sample` (samples all ranks consumed before)."""
+        if start_sample < 0:
+            raise ConfigError(f"start_sample {start_sample}: must be >= 0")
+        self.start_sample = int(start_sample)
         self._loader = None
 
-    def set_start_batch(self, start_batch: int) -> None:
-        """Start the next iteration at this rank's batch `start_batch` (counted from `epoch`), for resuming."""
-        if start_batch < 0:
-            raise ConfigError(f"start_batch {start_batch}: must be >= 0")
-        self._plan.start_batch = int(start_batch)
-        self._loader = None
+    @property
+    def exact_resume(self) -> bool:
+        """Whether `start_sample` positions the stream exactly for this layout (always in indexed mode; in stream
+        mode only at a multiple of batch size x world size, i.e. a position this layout itself reached)."""
+        return self.mode == "indexed" or self.start_sample % (self.batch_size * self.world_size) == 0
 
-    def worker_shards(self, epoch: int | None = None) -> list[list[list[str]]]:
-        """Shard URLs per worker of this rank, per source: result[worker][source] -> [url, ...]."""
-        e = self.epoch if epoch is None else epoch
-        return [[[sh.url for sh in self._plan.worker_shards(s, e, w)] for s in range(len(self.sources))]
-                for w in range(self._plan.num_workers)]
+    def _indexed_plan(self) -> _IndexedPlan:
+        assert self._indexes is not None
+        return _IndexedPlan(urls=[[sh.url for sh in src.shards] for src in self.sources], indexes=self._indexes,
+                            probs=self.probs, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                            num_workers=max(1, self.num_workers), batch_size=self.batch_size,
+                            start_sample=self.start_sample, transform=self._transform)
 
-    def rank_epoch_samples(self, epoch: int | None = None) -> int:
-        """Samples this rank reads in one epoch of every source (ranks may differ: shard sizes differ)."""
-        e = self.epoch if epoch is None else epoch
-        return sum(int(sh.num_samples or 0) for s in range(len(self.sources)) for w in range(self._plan.num_workers)
-                   for sh in self._plan.worker_shards(s, e, w))
+    def planned_keys(self, count: int, *, first: int = 0) -> list[str]:
+        """Keys of this rank's samples `first` .. `first + count - 1` from `start_sample`, without reading any
+        shard (indexed mode only): what the stream will deliver, for tests and audits."""
+        if self.mode != "indexed":
+            raise ConfigError("planned_keys needs the indexed data mode (stream mode decides while reading)")
+        plan = self._indexed_plan()
+        maps = [ShardMap([len(ix.keys) for ix in src]) for src in plan.indexes]
+        return [plan.indexes[s][k].keys[local]
+                for s, k, local, _ in _planned_samples(plan, plan.epoch_plan(), maps, first, count)]
 
     # -- iteration -----------------------------------------------------------------------------------------------
     def _make_loader(self) -> DataLoader:
-        return DataLoader(_TrainDataset(self._plan), **_loader_kwargs(self._real_workers, persistent=True))
+        dataset: IterableDataset
+        if self.mode == "indexed":
+            dataset = _IndexedDataset(self._indexed_plan())
+        else:
+            per_step = self.batch_size * self.world_size
+            dataset = _StreamDataset(_StreamPlan(
+                sources=self.sources, probs=self.probs, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                num_workers=max(1, self.num_workers), batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+                start_batch=self.start_sample // per_step, transform=self._transform))
+        return DataLoader(dataset, **_loader_kwargs(self.num_workers, persistent=True))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._loader is None:
@@ -315,16 +393,20 @@ class TrainStream:
 
 def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
                       seed: int, rank: int, world_size: int, force_crops: bool = False, no_crops: bool = False,
-                      epoch: int = 0, shuffle_buffer: int = 256, start_batch: int = 0,
-                      color_jitter: Literal["device", "cpu", "none"] = "device") -> TrainStream:
-    """The training stream of contract §3 for `sources` (a split directory, brace pattern, pipe: commands, or
+                      start_sample: int = 0, shuffle_buffer: int = 256,
+                      color_jitter: Literal["device", "cpu", "none"] = "device",
+                      mode: DataMode = "auto") -> TrainStream:
+    """The training stream for `sources` (a split directory, brace pattern, pipe: commands, or
     ``SRC[:WEIGHT],...``). Raises DataError/ConfigError before any worker starts when the plan cannot work.
 
+    `start_sample`: global stream position to start at (samples all ranks consumed before; see the module
+    docstring). `mode`: "auto" (indexed for local shards, stream otherwise), "indexed" or "stream".
     `color_jitter`: "device" (default) ships the jitter parameters as batch key `color_jitter` for `prepare_batch`
     to apply on the training device; "cpu" applies it in the workers; "none" disables it."""
     return TrainStream(load_sources(sources), image_size=image_size, target_size=target_size, batch_size=batch_size,
                        num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, force_crops=force_crops,
-                       no_crops=no_crops, epoch=epoch, shuffle_buffer=shuffle_buffer, start_batch=start_batch, color_jitter=color_jitter)
+                       no_crops=no_crops, start_sample=start_sample, shuffle_buffer=shuffle_buffer,
+                       color_jitter=color_jitter, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -424,4 +506,4 @@ def make_eval_loader(split_dir: str, *, image_size: Size, target_size: Size, bat
 
 
 __all__ = ["TrainStream", "EvalLoader", "WorkerFailure", "make_train_loader", "make_eval_loader",
-           "default_num_workers"]
+           "default_num_workers", "DataMode"]

@@ -40,6 +40,11 @@ _REMOTE_RE = re.compile(r"^(pipe:|https?://|s3://|gs://)")
 _TAR_TOKEN_RE = re.compile(r"[^\s'\"]*\.tar(?=$|[\s'\"])")
 
 
+def is_remote(url: str) -> bool:
+    """A `pipe:` command or a URL: read as a stream, never by seeking."""
+    return _REMOTE_RE.match(url) is not None
+
+
 # ------------------------------------------------------------------------------------------------- descriptions
 @dataclass(frozen=True)
 class Shard:
@@ -236,6 +241,17 @@ def sample_key(member_name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), suffix.lower()
 
 
+def sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, suffix) of a tar member that belongs to a sample; None for directories, links, names without a
+    suffix and WebDataset's `__`-prefixed metadata members."""
+    if not member.isreg():
+        return None
+    parts = sample_key(member.name)
+    if parts is None or parts[0].rpartition("/")[2].startswith("__"):
+        return None
+    return parts
+
+
 def count_tar_samples(path: str) -> int:
     """Number of samples in a local tar, reading headers only (tarfile seeks over the member data)."""
     try:
@@ -289,10 +305,8 @@ def iter_shard(shard: Shard) -> Iterator[dict[str, Any]]:
         try:
             tar = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]
             for member in tar:
-                if not member.isreg():
-                    continue
-                parts = sample_key(member.name)
-                if parts is None or parts[0].rpartition("/")[2].startswith("__"):
+                parts = sample_member(member)
+                if parts is None:
                     continue
                 key, suffix = parts
                 f = tar.extractfile(member)
@@ -345,5 +359,5 @@ def stable_seed(*parts: int | str) -> int:
 
 __all__ = [
     "MANIFEST_NAME", "Shard", "Source", "split_source_list", "read_manifest", "resolve_source", "load_sources",
-    "sample_key", "count_tar_samples", "iter_shard", "stable_seed",
+    "sample_key", "sample_member", "is_remote", "count_tar_samples", "iter_shard", "stable_seed",
 ]

@@ -196,16 +196,26 @@ class CheckpointManager:
         return self.best_path
 
 
+def samples_seen_of(data: dict[str, Any]) -> int:
+    """The global data position of a training checkpoint, also for checkpoints that stored micro-batches per rank
+    (their stream started at epoch 0 and every rank had taken `batch_in_epoch` batches of `batch_size`)."""
+    if "samples_seen" in data:
+        return int(data["samples_seen"])
+    return int(data.get("batch_in_epoch", 0)) * int(data.get("batch_size", 1)) * int(data.get("world_size", 1))
+
+
 def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, class_names: list[str],
                         scene_types: list[str], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                        step: int, epoch: int, batch_in_epoch: int, world_size: int, batch_size: int,
+                        step: int, samples_seen: int, data_mode: str, world_size: int, batch_size: int,
                         gradient_accumulation_steps: int, rng_states: list[dict[str, Any]],
                         train_config: dict[str, Any], best_metric: float | None,
                         best_step: int | None) -> dict[str, Any]:
     """The dict a training checkpoint stores (all CPU, weights_only-loadable).
 
-    Data position: the stream's start `epoch` and `batch_in_epoch` = micro-batches this (and every) rank had taken
-    from the stream since then, together with the `world_size` and `batch_size` they were counted in.
+    Data position: `samples_seen` = the training stream's global position (samples all ranks had taken together,
+    rock_dist.data.epoch_plan), with the `data_mode`, `world_size` and `batch_size` it was reached with.
+    Checkpoints of earlier versions stored `batch_in_epoch` (micro-batches per rank) instead; `samples_seen_of`
+    converts.
     """
     return {
         "format": CHECKPOINT_FORMAT,
@@ -218,8 +228,8 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
         "scheduler": to_cpu(scheduler.state_dict()),
         "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
         "step": step,
-        "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
+        "samples_seen": samples_seen,
+        "data_mode": data_mode,
         "world_size": world_size,
         "batch_size": batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -232,4 +242,5 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
 
 __all__ = ["WEIGHTS_FORMAT", "CHECKPOINT_FORMAT", "BEST_NAME", "FINAL_WEIGHTS_NAME", "strip_wrapper_prefixes",
            "unwrap", "to_cpu", "model_state", "save_weights", "read_checkpoint", "load_model",
-           "periodic_checkpoints", "resolve_resume_path", "CheckpointManager", "training_checkpoint"]
+           "periodic_checkpoints", "resolve_resume_path", "CheckpointManager", "training_checkpoint",
+           "samples_seen_of"]

@@ -40,6 +40,7 @@ from rock_dist.config import TrainConfig, to_dict
 from rock_dist.engine import checkpoint as ckpt
 from rock_dist.engine.console import EvalProgress, TrainConsole
 from rock_dist.data.manifest import MANIFEST_NAME
+from rock_dist.engine.loader_watch import LoaderWatch
 from rock_dist.engine.lr_schedule import lr_factor
 from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, check_world_size,
                                           gather_objects, injected_fault, parse_fault_spec, state_digest)
@@ -61,8 +62,7 @@ class TrainState:
     """Progress that a checkpoint must carry to resume exactly."""
 
     step: int = 0  # completed optimizer steps (global iterations)
-    epoch: int = 0  # the data stream's start epoch (the stream itself runs through epochs endlessly)
-    batch_in_epoch: int = 0  # micro-batches this rank has taken from the stream since `epoch` began
+    samples_seen: int = 0  # the training stream's global position: samples all ranks have taken together
     best_metric: float | None = None
     best_step: int | None = None
 
@@ -179,7 +179,7 @@ class Trainer:
             self.model = torch.compile(self.model)
 
         self.state = TrainState()
-        self._resume_note = ""
+        self._resumed_layout: tuple[Any, Any] = (None, None)  # (world size, batch size) of the checkpoint
         if self.resume_data is not None:
             self._restore(self.resume_data)
         else:
@@ -194,6 +194,8 @@ class Trainer:
         self._stream: Any = None
         self._iter: Iterator[Mapping[str, torch.Tensor]] | None = None
         self._eval_loader: Any = None
+        self.loader_watch = LoaderWatch(samples_per_step=cfg.data.batch_size * cfg.gradient_accumulation_steps,
+                                        num_workers=cfg.data.num_workers)
 
     def _auto_batch_size(self) -> int:
         """`--auto_batch_size`: the checkpoint's batch when resuming (the data position stays exact), else the
@@ -241,24 +243,17 @@ class Trainer:
             scaler.load_state_dict(data["scaler"])
         step = int(data["step"])
         self._apply_schedule_at(step)
-        epoch, position = int(data["epoch"]), int(data["batch_in_epoch"])
         same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == cfg.data.batch_size)
-        if not same_layout:
-            # Another process count or batch size: keep the number of samples consumed in the epoch. The exact
-            # samples differ (the shard split by rank changed), so the resumed run is statistically, not bitwise,
-            # equivalent.
-            samples = position * int(data.get("batch_size", cfg.data.batch_size)) * int(data.get("world_size", 1))
-            position = samples // (cfg.data.batch_size * self.world_size)
-        self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=position,
+        # The data position is global, so it carries over to another process count or batch size; whether the
+        # stream can start exactly there depends on the data mode (see _resume_message).
+        self.state = TrainState(step=step, samples_seen=ckpt.samples_seen_of(data),
                                 best_metric=data.get("best_metric"), best_step=data.get("best_step"))
+        self._resumed_layout = (data.get("world_size"), data.get("batch_size"))
         rng = data.get("rng") or []
         if same_layout and self.rank < len(rng):
             restore_rng_state(rng[self.rank])
         else:
             seed_everything(cfg.seed + 1_000_003 * (self.rank + 1) + step)
-        self._resume_note = ("exact" if same_layout else
-                             f"approximate: checkpoint had {data.get('world_size')} process(es) x batch "
-                             f"{data.get('batch_size')}, this run {self.world_size} x {cfg.data.batch_size}")
 
     def lr_factor(self, step: int) -> float:
         """LR multiplier after `step` global iterations (engine.lr_schedule: a function of the step alone)."""
@@ -284,8 +279,8 @@ class Trainer:
         """Open this rank's training stream at the saved data position.
 
         The pipeline's stream is endless (it runs through its epochs by itself, equal steps per rank by plan), so
-        the data position is simply the number of micro-batches this rank has taken since the stream's start epoch;
-        `start_batch` makes the pipeline skip them (bit-identical continuation, see rock_dist.data.pipeline).
+        the data position is the stream's global position: the samples all ranks have taken together
+        (docs/data_pipeline.md: an exact continuation in indexed mode for any layout).
         """
         from rock_dist.data.pipeline import make_train_loader
 
@@ -293,26 +288,43 @@ class Trainer:
         self._stream = make_train_loader(
             cfg.data.train_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
-            world_size=self.world_size, force_crops=cfg.data.force_crops,
-            no_crops=cfg.data.no_crops, epoch=self.state.epoch,
-            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.state.batch_in_epoch,
-            color_jitter=cfg.data.color_jitter)
+            world_size=self.world_size, force_crops=cfg.data.force_crops, no_crops=cfg.data.no_crops,
+            start_sample=self.state.samples_seen, shuffle_buffer=cfg.data.shuffle_buffer,
+            color_jitter=cfg.data.color_jitter, mode=cfg.data.data_mode)
+        self.loader_watch.num_workers = self._stream.num_workers
         self._iter = iter(self._stream)
+
+    def _resume_message(self) -> str:
+        """What a resumed run says about its data position (after the stream is open: it depends on the mode)."""
+        st, stream = self.state, self._stream
+        where = (f"resumed from step {st.step}; data: global sample {st.samples_seen} "
+                 f"(epoch {st.samples_seen / stream.num_samples:.2f}, {stream.mode} mode)")
+        old_world, old_batch = self._resumed_layout
+        if (old_world, old_batch) == (self.world_size, self.cfg.data.batch_size):
+            return f"{where}; exact continuation"
+        change = (f"checkpoint had {old_world} process(es) x batch {old_batch}, this run {self.world_size} x "
+                  f"{self.cfg.data.batch_size}")
+        if stream.exact_resume:
+            return f"{where}; {change}: the data continues exactly (no sample repeated or skipped), other RNG " \
+                   "streams are re-seeded"
+        return f"{where}; {change}: stream mode restarts at the nearest batch boundary (approximate)"
 
     @property
     def data_epoch(self) -> float:
         """Epochs of data seen so far (fractional), for the console."""
-        per_epoch = int(getattr(self._stream, "steps_per_epoch", 0) or 0)
-        return self.state.epoch + (self.state.batch_in_epoch / per_epoch if per_epoch else 0.0)
+        total = int(getattr(self._stream, "num_samples", 0) or 0)
+        return self.state.samples_seen / total if total else 0.0
 
     def _next_batch(self) -> Mapping[str, torch.Tensor]:
-        """The next micro-batch of this rank."""
+        """The next micro-batch of this rank; the time spent waiting for it feeds the loader-rate check."""
+        start = time.perf_counter()
         try:
             batch = next(self._iter)
         except StopIteration:
             raise DataError(f"rank {self.rank}: the training stream {self.cfg.data.train_path} ended; it should be "
                             "endless") from None
-        self.state.batch_in_epoch += 1
+        self.loader_watch.waited(time.perf_counter() - start)
+        self.state.samples_seen += self.cfg.data.batch_size * self.world_size
         return batch
 
     def _open_stream_checked(self) -> Mapping[str, torch.Tensor]:
@@ -330,7 +342,8 @@ class Trainer:
             error = f"rank {self.rank}: {err}"
         if any_rank(error is not None, self.device):
             messages = [m for m in gather_objects(error) if m]
-            raise DataError("no training data on some process before training started: " + "; ".join(messages))
+            raise DataError("the training data failed on some process before training started: "
+                            + "; ".join(messages))
         assert first is not None
         return first
 
@@ -422,15 +435,15 @@ class Trainer:
         try:
             with console:
                 self._announce(console)
-                if self.resume_data is not None:
-                    console.always(f"resumed from step {st.step} (data position: batch {st.batch_in_epoch} of "
-                                   f"the stream since epoch {st.epoch}; {self._resume_note})")
-                    self.resume_data = None  # free the CPU copy of the weights
+                resumed = self.resume_data is not None
+                self.resume_data = None  # free the CPU copy of the weights
                 if st.step >= cfg.num_iters:
                     console.always(f"checkpoint is at step {st.step} >= --num_iters {cfg.num_iters}: "
                                    "nothing left to train")
                 else:
                     first = self._open_stream_checked()
+                    if resumed:
+                        console.always(self._resume_message())
                     self.model.train()
                     self._loop(first, console, tb, result, record_ids)
                 broadcast_buffers(ckpt.unwrap(self.model))  # identical final weights on every rank
@@ -498,6 +511,9 @@ class Trainer:
             dt = now - step_start
             step_start = now
             smooth_dt = dt if smooth_dt is None else 0.9 * smooth_dt + 0.1 * dt
+            slow_loader = self.loader_watch.after_step(now)
+            if slow_loader:
+                console.always(slow_loader)
             for name, value in values.items():
                 window[name] = window.get(name, 0.0) + value
             window_steps += 1
@@ -576,8 +592,9 @@ class Trainer:
         return ckpt.training_checkpoint(
             model=self.model, model_config=self.model_config, class_names=self.class_names,
             scene_types=self.scene_types, optimizer=self.optimizer, scheduler=self.scheduler,
-            scaler=getattr(self.accelerator, "scaler", None), step=st.step, epoch=st.epoch,
-            batch_in_epoch=st.batch_in_epoch, world_size=self.world_size, batch_size=self.cfg.data.batch_size,
+            scaler=getattr(self.accelerator, "scaler", None), step=st.step, samples_seen=st.samples_seen,
+            data_mode=getattr(self._stream, "mode", self.cfg.data.data_mode), world_size=self.world_size,
+            batch_size=self.cfg.data.batch_size,
             gradient_accumulation_steps=self.cfg.gradient_accumulation_steps, rng_states=rng_states,
             train_config=to_dict(self.cfg), best_metric=st.best_metric, best_step=st.best_step)
 

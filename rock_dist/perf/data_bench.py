@@ -10,7 +10,8 @@ directory first (rendering takes a while; it is not part of the measurement).
 Both pipelines run in this process on ONE thread (torch.set_num_threads(1)), which is what one loader worker gets,
 so "samples/s" is per worker = per core. What each measures, per training sample:
 
-- ours: the exact code a loader worker runs (`pipeline._TrainDataset`): tar reading, shuffle buffer, JPEG/PNG
+- ours: the exact code a loader worker runs (the training stream with 0 workers, default data mode): indexed
+  reads by seek, JPEG/PNG
   decoding, SSD crop, flip, resize, depth/normals targets at the aux size, collation into batches. By default the
   colour jitter is only drawn in the worker and applied batched on the training device by `prepare_batch`, like
   prior matching, which runs batched on the device in the criterion; the second row ("jitter in worker") applies
@@ -20,6 +21,11 @@ so "samples/s" is per worker = per core. What each measures, per training sample
   Normalize on the CPU, depth as 8-bit PIL scaled by its maximum, PIL nearest resizes of depth/normals, and
   per-sample prior matching + box encoding on the CPU (`rock_dist.model.boxes` with the model's 7228 priors), then
   default collation.
+
+`--scaling` adds a table: samples/s of one rank's DataLoader with 1, 2, 4 and 8 worker processes on the same
+samples stored in 1, 8 and 64 shards, in one run. The indexed loader deals samples, not shards, to workers, so the
+rate should depend on the workers (up to the cores) and not on the shard count; on a machine with fewer cores than
+workers the extra workers share the cores, so those rows show that the plan runs, not more speed.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from rock_dist.cli import run_cli
 from rock_dist.config import DataBenchConfig, parse_config
 from rock_dist.data.batch import collate, prepare_batch
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
-from rock_dist.data.pipeline import _TrainDataset, make_train_loader
+from rock_dist.data.pipeline import make_train_loader
 from rock_dist.data.sources import iter_shard, load_sources
 from rock_dist.data.transforms import (BRIGHTNESS, CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, SATURATION,
                                        DecodedSample, TrainTransform, crop_boxes, decode_sample, flip_boxes,
@@ -71,7 +77,7 @@ def _ours_batches(sources: str, image_size: Size, target: Size, batch_size: int,
     """Endless batches from the worker code path, run in this process."""
     stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
                                num_workers=0, seed=seed, rank=0, world_size=1, color_jitter=jitter)  # type: ignore
-    return iter(_TrainDataset(stream._plan))
+    return iter(stream)
 
 
 def _time_ours_stages(raws: list[dict[str, Any]], image_size: Size, target: Size, seed: int) -> dict[str, float]:
@@ -97,15 +103,49 @@ def _time_loader(sources: str, n: int, image_size: Size, target: Size, batch_siz
     stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
                                num_workers=workers, seed=seed, rank=0, world_size=1)
     it = iter(stream)
-    for _ in range(stream.num_workers):  # warm-up: one batch per worker (process start, first decode)
+    rate = _rate(it, stream.num_workers, n, batch_size)
+    return {"workers": stream.num_workers, "samples_per_s": rate, "samples_per_s_per_worker": rate / stream.num_workers}
+
+
+def _split_copy(raws: list[dict[str, Any]], out: Path, num_shards: int) -> str:
+    """The samples written again as `num_shards` tar files of (nearly) equal size under `out`: a source string."""
+    from rock_dist.data.shard_writer import write_shard  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    num_shards = max(1, min(num_shards, len(raws)))
+    for k in range(num_shards):
+        part = raws[len(raws) * k // num_shards:len(raws) * (k + 1) // num_shards]
+        write_shard(out / f"part-{k:06d}.tar", [(str(r["__key__"]), {n: v for n, v in r.items()
+                                                                      if not n.startswith("__")}) for r in part])
+    return str(out / f"part-{{000000..{num_shards - 1:06d}}}.tar") if num_shards > 1 else str(out / "part-000000.tar")
+
+
+def run_scaling(raws: list[dict[str, Any]], work: Path, *, image_size: Size, target: Size, batch_size: int,
+                seed: int, num_samples: int, workers: Sequence[int] = (1, 2, 4, 8),
+                shard_counts: Sequence[int] = (1, 8, 64)) -> list[dict[str, Any]]:
+    """Samples/s of one rank's DataLoader per (shard count, worker count), on copies of the same samples."""
+    rows = []
+    for shards in shard_counts:
+        spec = _split_copy(raws, work / f"scaling-{shards}", shards)
+        for w in workers:
+            stream = make_train_loader(spec, image_size=image_size, target_size=target, batch_size=batch_size,
+                                       num_workers=w, seed=seed, rank=0, world_size=1)
+            rate = _rate(iter(stream), w, num_samples, batch_size)
+            rows.append({"shards": len(stream.sources[0].shards), "workers": w, "mode": stream.mode,
+                         "samples_per_s": rate, "samples_per_s_per_worker": rate / w})
+            del stream  # stops its worker processes before the next row starts its own
+    return rows
+
+
+def _rate(it: Iterator[Any], workers: int, n: int, batch_size: int) -> float:
+    """Samples/s of an iterator of batches after a warm-up of one batch per worker."""
+    for _ in range(max(1, workers)):  # warm-up: one batch per worker (process start, first decode)
         next(it)
     batches = max(1, n // batch_size)
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
-    elapsed = time.perf_counter() - start
-    rate = batches * batch_size / elapsed
-    return {"workers": stream.num_workers, "samples_per_s": rate, "samples_per_s_per_worker": rate / stream.num_workers}
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------------ reference-style
@@ -287,7 +327,7 @@ def cpu_name() -> str:
 
 def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, batch_size: int = 8,
                        image_size: Sequence[int] = (480, 640), backbone: str = "resnet50", loader_workers: int = 0,
-                       seed: int = 0, rounds: int = 4,
+                       seed: int = 0, rounds: int = 4, scaling: bool = False,
                        work_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Measure both pipelines on the same samples; returns the result dict (also what the CLI prints as JSON).
 
@@ -295,7 +335,8 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
     Keys: device, cpu, torch_threads, image_size, target_size, num_samples, ours {samples_per_s, decode_ms,
     augment_ms, device_jitter_ms_on_cpu}, ours_cpu_jitter {samples_per_s}, reference_style {samples_per_s},
     speedup_per_core, speedup_per_core_cpu_jitter, target_speedup, meets_target, and loader {workers,
-    samples_per_s, samples_per_s_per_worker} when `loader_workers` > 0.
+    samples_per_s, samples_per_s_per_worker} when `loader_workers` > 0, scaling [{shards, workers, mode,
+    samples_per_s, samples_per_s_per_worker}] with `scaling`.
     """
     if num_samples < batch_size:
         raise ConfigError(f"--num_samples {num_samples}: must be at least --batch_size {batch_size}")
@@ -347,6 +388,10 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
                 torch.set_num_threads(threads)
                 result["loader"] = _time_loader(shards, num_samples, image_size, target, batch_size, seed,
                                                 loader_workers)
+            if scaling:
+                torch.set_num_threads(threads)
+                result["scaling"] = run_scaling(raws, tmp_path, image_size=image_size, target=target,
+                                                batch_size=batch_size, seed=seed, num_samples=num_samples)
     finally:
         torch.set_num_threads(threads)
     return result
@@ -382,6 +427,25 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{result['stored_image_size'][0]}x{result['stored_image_size'][1]}, aux targets "
                  f"{result['target_size'][0]}x{result['target_size'][1]}, {result['num_samples']} samples, "
                  f"1 thread, {result['cpu']}")
+    if "scaling" in result:
+        lines += ["", format_scaling(result["scaling"], result.get("cpu_count"))]
+    return "\n".join(lines)
+
+
+def format_scaling(rows: list[dict[str, Any]], cpus: int | None) -> str:
+    """The scaling rows as a table: one line per shard count, samples/s (per worker) per worker count."""
+    workers = sorted({r["workers"] for r in rows})
+    head = ["shards"] + [f"{w} worker{'s' if w > 1 else ''}" for w in workers]
+    body = []
+    for shards in sorted({r["shards"] for r in rows}):
+        cells = {r["workers"]: r for r in rows if r["shards"] == shards}
+        body.append([str(shards)] + [f"{cells[w]['samples_per_s']:.0f} ({cells[w]['samples_per_s_per_worker']:.0f})"
+                                     if w in cells else "-" for w in workers])
+    width = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)) for r in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    lines.append(f"one rank's DataLoader, samples/s (per worker) by shard count and worker processes; {cpus} CPU(s) "
+                 "here: rows with more workers than CPUs share the cores")
     return "\n".join(lines)
 
 
@@ -389,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(DataBenchConfig, argv)
     result = run_data_benchmark(cfg.shards or None, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
                                 image_size=cfg.image_size, backbone=cfg.backbone, loader_workers=cfg.loader_workers,
-                                seed=cfg.seed, rounds=cfg.rounds)
+                                seed=cfg.seed, rounds=cfg.rounds, scaling=cfg.scaling)
     if cfg.json:  # written first: the printing below may hit a closed pipe (`... | head`)
         from rock_dist.fsutil import atomic_write_json  # noqa: PLC0415
 
