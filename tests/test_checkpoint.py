@@ -170,3 +170,9 @@ def test_optimizer_state_is_saved_on_cpu() -> None:
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     assert torch.equal(state["state"][0]["exp_avg"], before)
+
+
+def test_data_position_of_current_and_earlier_checkpoints() -> None:
+    assert ckpt.samples_seen_of({"samples_seen": 36, "batch_in_epoch": 1, "batch_size": 2, "world_size": 2}) == 36
+    # Earlier checkpoints counted micro-batches per rank from epoch 0: 3 batches of 2 on each of 4 ranks.
+    assert ckpt.samples_seen_of({"batch_in_epoch": 3, "batch_size": 2, "world_size": 4}) == 24

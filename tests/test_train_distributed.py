@@ -198,7 +198,8 @@ def test_launch_on_one_shard_sees_each_image_once_per_epoch(one_shard: Path, tmp
 def test_resume_mid_epoch_exact_same_layout_and_complete_in_one_process(one_shard: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     train = ["--train_path", str(one_shard / "train"), "--val_path", "", *SMALL, "--lr", "1e-4"]
-    full = _launch(2, [*train, "--num_iters", "4", "--model_save_freq", "1", "--save_path", str(tmp_path / "a")],
+    full = _launch(2, [*train, "--num_iters", "4", "--model_save_freq", "1", "--keep_checkpoints", "4",
+                       "--save_path", str(tmp_path / "a")],
                    tmp_path / "rec_full")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     saved = dict(ckpt.periodic_checkpoints(tmp_path / "a"))
