@@ -348,7 +348,8 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
         with tempfile.TemporaryDirectory(dir=work_dir, prefix="rock_data_bench_") as tmp:
             tmp_path = Path(tmp)
             if not shards:
-                shards = _synthetic_shards(tmp_path, max(48, num_samples // 4), seed)
+                # The scaling table needs at least 64 training samples (one per shard in its 64-shard row).
+                shards = _synthetic_shards(tmp_path, max(48, num_samples // 4, 120 if scaling else 0), seed)
             sources = load_sources(shards)
             raws: list[dict[str, Any]] = []
             for shard in (sh for src in sources for sh in src.shards):
@@ -390,7 +391,8 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
                                                 loader_workers)
             if scaling:
                 torch.set_num_threads(threads)
-                result["scaling"] = run_scaling(raws, tmp_path, image_size=image_size, target=target,
+                more = [raw for src in sources for sh in src.shards for raw in iter_shard(sh)][:128]
+                result["scaling"] = run_scaling(more, tmp_path, image_size=image_size, target=target,
                                                 batch_size=batch_size, seed=seed, num_samples=num_samples)
     finally:
         torch.set_num_threads(threads)
