@@ -32,7 +32,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         status = main(argv)
     except RockError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

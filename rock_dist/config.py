@@ -128,11 +128,12 @@ class TrainConfig:
     clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0)
     seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0)
 
-    writer_path: str = opt("TensorBoard log directory (empty disables).", "runs/rock")
+    writer_path: str = opt("TensorBoard log directory ('auto': SAVE_PATH/tensorboard, so that each run's logs stay "
+                           "with its checkpoints; empty disables).", "auto")
     save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints")
     checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "")
-    coco_json_save_path: str = opt("Directory for COCO ground-truth/detection JSON of periodic evaluations.",
-                                   "output/coco")
+    coco_json_save_path: str = opt("Directory for COCO ground-truth/detection JSON of periodic evaluations "
+                                   "('auto': SAVE_PATH/coco; empty disables).", "auto")
     save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False)
     val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0)
     train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50)

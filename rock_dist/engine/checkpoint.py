@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from rock_dist.config import ModelConfig, from_dict, to_dict
-from rock_dist.errors import DataError
+from rock_dist.errors import CheckpointError, DataError
 from rock_dist.fsutil import atomic_torch_save
 
 WEIGHTS_FORMAT = "rock_dist-weights"
@@ -33,6 +33,9 @@ _PREFIXES = ("module.", "_orig_mod.")
 _PERIODIC = re.compile(r"^checkpoint_step(\d+)\.pt$")
 BEST_NAME = "checkpoint_best.pt"
 FINAL_WEIGHTS_NAME = "weights_final.pt"
+# fsutil.atomic_path's temporary names for the files above: `.{final name}.{random}.tmp`.
+_TEMP = re.compile(r"^\.(checkpoint_step\d+\.pt|checkpoint_best\.pt|weights_final\.pt)\..+\.tmp$")
+_SPACE_MARGIN = 1.05  # pickling adds a little to the tensor bytes
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,7 +87,7 @@ def save_weights(path: str | Path, model: torch.nn.Module, model_config: ModelCo
                  scene_types: list[str]) -> Path:
     """Write the final weights-only file (contract §5) atomically; returns its path."""
     path = Path(path)
-    atomic_torch_save(path, {
+    save_with_space_check(path, {
         "format": WEIGHTS_FORMAT,
         "model": model_state(model),
         "model_config": to_dict(model_config),
@@ -186,14 +189,60 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.path_for(step)
-        atomic_torch_save(path, state)
+        save_with_space_check(path, state)
         for _, old in periodic_checkpoints(self.save_dir)[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
 
     def save_best(self, state: dict[str, Any]) -> Path:
-        atomic_torch_save(self.best_path, state)
+        save_with_space_check(self.best_path, state)
         return self.best_path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_with_space_check(path: Path, obj: Any) -> None:
+    """`atomic_torch_save` that first checks the free space of the target's file system (the new file is complete
+    before any older one is removed, so a whole file's worth must be free) and turns a failed write into one
+    CheckpointError naming the directory; what was saved before stays intact either way."""
+    import errno
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needed = int(_tensor_bytes(obj) * _SPACE_MARGIN) + (1 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise CheckpointError(f"{path.parent}: not enough disk space to save {path.name}: about {needed / 2**20:.1f} "
+                              f"MiB needed, {free / 2**20:.1f} MiB free; free some space or use another "
+                              "--save_path (the checkpoints already there are intact)")
+    try:
+        atomic_torch_save(path, obj)
+    except (OSError, RuntimeError) as err:
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed
+        cause = "the disk is full" if full else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise CheckpointError(f"{path.parent}: could not save {path.name} ({cause}); the checkpoints already there "
+                              "are intact") from err
+
+
+def remove_stale_temps(save_dir: str | Path) -> list[tuple[str, int]]:
+    """Delete the temporary files that writers killed mid-save left in `save_dir` (only our own temp-name pattern;
+    call it while holding the directory's run lock, so no live writer owns them). Returns (name, bytes) removed."""
+    save_dir = Path(save_dir)
+    removed = []
+    for p in sorted(save_dir.iterdir()) if save_dir.is_dir() else []:
+        if _TEMP.match(p.name) and p.is_file():
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed.append((p.name, size))
+    return removed
 
 
 def samples_seen_of(data: dict[str, Any]) -> int:
@@ -243,4 +292,4 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
 __all__ = ["WEIGHTS_FORMAT", "CHECKPOINT_FORMAT", "BEST_NAME", "FINAL_WEIGHTS_NAME", "strip_wrapper_prefixes",
            "unwrap", "to_cpu", "model_state", "save_weights", "read_checkpoint", "load_model",
            "periodic_checkpoints", "resolve_resume_path", "CheckpointManager", "training_checkpoint",
-           "samples_seen_of"]
+           "samples_seen_of", "save_with_space_check", "remove_stale_temps"]

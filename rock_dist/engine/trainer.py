@@ -40,15 +40,19 @@ from rock_dist.config import TrainConfig, to_dict
 from rock_dist.engine import checkpoint as ckpt
 from rock_dist.engine.console import EvalProgress, TrainConsole
 from rock_dist.data.manifest import MANIFEST_NAME
+from rock_dist.engine import run_lock
 from rock_dist.engine.loader_watch import LoaderWatch
+from rock_dist.engine.run_lock import RunLock
+from rock_dist.engine.supervision import ParentWatchdog, StopRequest, under_launcher
 from rock_dist.engine.lr_schedule import lr_factor
-from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, check_world_size,
-                                          gather_objects, injected_fault, parse_fault_spec, state_digest)
+from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, broadcast_object,
+                                          check_world_size, gather_objects, injected_fault, parse_fault_spec,
+                                          state_digest)
 from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses
 from rock_dist.engine.runtime import (Runtime, capture_rng_state, make_accelerator, resolve_runtime,
                                       restore_rng_state, seed_everything)
 from rock_dist.engine.tensorboard import TBLogger, eval_metric_scalars, prediction_pictures
-from rock_dist.errors import ConfigError, DataError, NonFiniteLossError, RockError
+from rock_dist.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, Preempted, RockError
 from rock_dist.fsutil import atomic_write_json
 from rock_dist.perf.recipes import make_optimizer, prepare_model_for_training, training_recipe
 
@@ -101,6 +105,12 @@ def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
         if other[1:] != first[1:]:
             raise DataError(f"--train_path: sources {other[0]} and {first[0]} have different class or scene lists")
     return first[1], first[2]
+
+
+def run_output(value: str, save_path: str, name: str) -> str:
+    """An output directory flag: 'auto' means `save_path/name` (each run's logs live with its checkpoints, so two
+    runs never share them), '' disables, anything else is used as given."""
+    return str(Path(save_path) / name) if value == "auto" else value
 
 
 def resolve_val_path(val_path: str, train_path: str) -> str:
@@ -194,6 +204,7 @@ class Trainer:
         self._stream: Any = None
         self._iter: Iterator[Mapping[str, torch.Tensor]] | None = None
         self._eval_loader: Any = None
+        self.stop_request: StopRequest | None = None  # set while fit() runs
         self.loader_watch = LoaderWatch(samples_per_step=cfg.data.batch_size * cfg.gradient_accumulation_steps,
                                         num_workers=cfg.data.num_workers)
 
@@ -431,9 +442,11 @@ class Trainer:
         record_ids: list[list[int]] = []
         console = TrainConsole(enabled=self.is_main, verbose=not cfg.no_verbose, total_steps=cfg.num_iters,
                                start_step=st.step, log_every=cfg.train_eval_freq)
-        tb = TBLogger(cfg.writer_path, enabled=self.is_main)
+        lock = self._take_run_lock(console)  # before the first write of this run
+        watchdog = ParentWatchdog().start() if under_launcher() else None
+        tb = TBLogger(run_output(cfg.writer_path, cfg.save_path, "tensorboard"), enabled=self.is_main)
         try:
-            with console:
+            with console, StopRequest() as self.stop_request:
                 self._announce(console)
                 resumed = self.resume_data is not None
                 self.resume_data = None  # free the CPU copy of the weights
@@ -449,13 +462,15 @@ class Trainer:
                 broadcast_buffers(ckpt.unwrap(self.model))  # identical final weights on every rank
                 if self.val_manifest is not None and result.metrics is None:
                     result.metrics = self._evaluate(console, tb)  # resumed at the end: evaluate anyway
-                if self.is_main:
-                    result.final_weights = ckpt.save_weights(self.manager.final_weights_path, self.model,
-                                                             self.model_config, self.class_names,
-                                                             self.scene_types)
-                acc.wait_for_everyone()
+                result.final_weights = self._main_writes(lambda: ckpt.save_weights(
+                    self.manager.final_weights_path, self.model, self.model_config, self.class_names,
+                    self.scene_types))
         finally:
             tb.close()
+            if watchdog is not None:
+                watchdog.stop()
+            if lock is not None:
+                lock.release()
         result.step = st.step
         result.best_metric = st.best_metric
         unwrapped = ckpt.unwrap(self.model)
@@ -498,7 +513,13 @@ class Trainer:
         step_start = window_start
         smooth_dt: float | None = None
         while st.step < cfg.num_iters:
-            micro = pending + [self._next_batch() for _ in range(cfg.gradient_accumulation_steps - len(pending))]
+            micro, error = pending, None
+            try:
+                micro = pending + [self._next_batch() for _ in range(cfg.gradient_accumulation_steps - len(pending))]
+            except (RockError, OSError, ValueError) as err:  # a corrupt shard, an unreadable file
+                error = f"rank {self.rank}: {err}"
+            if self._stop_agreed(error, len(micro)):
+                self._stop_for_preemption(console)
             pending = []
             values = self.train_step(micro, step=st.step + 1)
             st.step += 1
@@ -537,6 +558,59 @@ class Trainer:
                 self._save_checkpoint(console)
                 step_start = time.perf_counter()
 
+    # ------------------------------------------------------------------------------------------------ supervision
+    def _take_run_lock(self, console: TrainConsole) -> RunLock | None:
+        """The main process takes the save directory's lock (engine.run_lock) and removes temporary files that
+        killed writers of earlier runs left; every rank stops with the same message when another run holds it."""
+        lock, error = None, None
+        if self.is_main:
+            try:
+                lock = run_lock.acquire(self.cfg.save_path)
+                if lock.note:
+                    console.always(lock.note)
+                removed = ckpt.remove_stale_temps(self.cfg.save_path)
+                if removed:
+                    console.always(f"removed {len(removed)} temporary file(s) of interrupted saves from "
+                                   f"{self.cfg.save_path} ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
+                                   + ", ".join(name for name, _ in removed[:3]) + (", ..." if len(removed) > 3
+                                                                                      else ""))
+            except RockError as err:
+                error = str(err)
+        error = broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+        return lock
+
+    def _stop_agreed(self, data_error: str | None, fetched: int) -> bool:
+        """Agree across ranks, before the step's first collective, on data errors (raised on every rank with every
+        failing rank's message) and on a stop request (True on every rank if any rank got a stop signal).
+
+        `fetched`: micro-batches taken for this step; a stop gives them back (the data position is rewound), so
+        the checkpoint resumes with exactly these batches."""
+        stop = self.stop_request is not None and self.stop_request.requested
+        if self.world_size > 1:
+            flags = torch.zeros(2 * self.world_size, device=self.device)
+            flags[self.rank] = float(data_error is not None)
+            flags[self.world_size + self.rank] = float(stop)
+            reduced = all_reduce_sum(flags).tolist()
+            failing = any(reduced[:self.world_size])
+            stop = any(reduced[self.world_size:])
+            if failing:
+                messages = [m for m in gather_objects(data_error) if m]
+                raise DataError(f"training data failed at iteration {self.state.step + 1}: " + "; ".join(messages))
+        elif data_error is not None:
+            raise DataError(f"training data failed at iteration {self.state.step + 1}: {data_error}")
+        if stop:
+            self.state.samples_seen -= fetched * self.cfg.data.batch_size * self.world_size
+        return stop
+
+    def _stop_for_preemption(self, console: TrainConsole) -> None:
+        """Write the checkpoint of the step reached on every rank's agreement, then stop with exit status 143."""
+        self._save_checkpoint(console)
+        raise Preempted(f"stop signal received: checkpoint of iteration {self.state.step} written to "
+                        f"{self.manager.path_for(self.state.step)}; resume with --checkpoint_path "
+                        f"{self.cfg.save_path}")
+
     # ------------------------------------------------------------------------------------------------ side jobs
     def _log_pictures(self, tb: TBLogger, batch: Mapping[str, torch.Tensor]) -> None:
         from rock_dist.data.batch import prepare_batch
@@ -559,7 +633,8 @@ class Trainer:
                 batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, rank=self.rank,
                 world_size=self.world_size)
         loader = self._eval_loader
-        out_dir = Path(cfg.coco_json_save_path) / f"step{self.state.step:07d}" if cfg.coco_json_save_path else None
+        coco_dir = run_output(cfg.coco_json_save_path, cfg.save_path, "coco")
+        out_dir = Path(coco_dir) / f"step{self.state.step:07d}" if coco_dir else None
         # Its own progress lines: on a slow CPU the end-of-run validation takes minutes after the last step.
         with EvalProgress(f"step {self.state.step}: validating", getattr(loader, "num_samples", None),
                           enabled=console.verbose, inside=console if console.use_bar else None) as progress:
@@ -575,10 +650,8 @@ class Trainer:
         if cfg.save_best_on_val and (st.best_metric is None or ap > st.best_metric):
             st.best_metric, st.best_step = ap, st.step
             state = self._checkpoint_state()
-            if state is not None:
-                self.manager.save_best(state)
+            if self._main_writes(lambda: self.manager.save_best(state)) is not None:
                 console.print(f"step {st.step}: new best val AP {100 * ap:.2f} -> {self.manager.best_path}")
-            self.accelerator.wait_for_everyone()
         return metrics
 
     def _checkpoint_state(self) -> dict[str, Any] | None:
@@ -600,10 +673,24 @@ class Trainer:
 
     def _save_checkpoint(self, console: TrainConsole) -> None:
         state = self._checkpoint_state()
-        if state is not None:
-            path = self.manager.save(state, self.state.step)
+        path = self._main_writes(lambda: self.manager.save(state, self.state.step))
+        if path is not None:
             console.print(f"step {self.state.step}: checkpoint {path}")
-        self.accelerator.wait_for_everyone()
+
+    def _main_writes(self, write: Callable[[], Path]) -> Path | None:
+        """Run a file write on the main process (None elsewhere) and agree on its outcome: a failure (full disk)
+        raises the main process's one-line message on every rank, instead of the others dying in the next
+        collective with a lost-connection trace. Also the barrier after every save."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = write()
+            except RockError as err:
+                error = str(err)
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        return result
 
     def _write_record(self, result: TrainResult, record_ids: list[list[int]]) -> None:
         acc = self.accelerator
