@@ -96,6 +96,9 @@ class DataConfig:
         "for local shards, stream otherwise). See docs/data_pipeline.md.", "auto")
     shuffle_buffer: int = opt("Sample shuffle buffer per worker in --data_mode stream (raw samples, before "
                               "decoding).", 256)
+    check_data: bool = opt("Before training, check every local training split against its manifest and index "
+                           "(file sizes, sha256, sample counts and ids, per-sample checksums; no decoding) and stop "
+                           "with the list of problems. Without it, damage is found when a sample is read.", False)
     color_jitter: Literal["device", "cpu", "none"] = opt(
         "Where the training colour jitter runs: 'device' (parameters drawn by the loader workers, applied batched "
         "by prepare_batch on the training device), 'cpu' (in the workers) or 'none'.", "device")

@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rock_dist.evaluate import check_model_flags, resolve_device
 
     console = Console(highlight=False)
+    err_console = Console(highlight=False, stderr=True)
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch_size {cfg.batch_size}: must be at least 1")
     if not 0.0 <= cfg.conf_threshold <= 1.0:
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loaded.append(detector.load(path))
             except Exception as err:  # noqa: BLE001 - Pillow raises many types for broken files
                 skipped.append(path.name)
-                console.print(f"[yellow]skipping {path}: cannot read it as an image "
+                err_console.print(f"[yellow]skipping {path}: cannot read it as an image "
                               f"({type(err).__name__}: {err})[/]")
         if not loaded:
             continue
@@ -242,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             scene_text = f" [scene: {entry['scene']['name']}]" if "scene" in entry else ""
             console.print(f"{im.path.name}: {found}{scene_text}")
 
+    if inputs and not summary:
+        raise DataError(f"--image_path {cfg.image_path}: none of its {len(inputs)} file(s) could be read as an image "
+                        f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}); nothing was written")
     atomic_write_json(out_dir / DETECTIONS_JSON, {"model_path": str(cfg.model_path),
                                                   "conf_threshold": cfg.conf_threshold, "images": summary,
                                                   "skipped": skipped})

@@ -183,7 +183,8 @@ def test_index_that_does_not_match_its_shard(shard_dir: Path, tmp_path: Path) ->
     shutil.copytree(shard_dir / "train", split)
     index = json.loads((split / INDEX_NAME).read_text())
     first = index["shards"][0]
-    first["spans"][0], first["spans"][1] = first["spans"][1], first["spans"][0]  # same sizes, wrong places
+    for field in ("spans", "crc32"):  # self-consistent entries at the wrong places: the headers tell
+        first[field][0], first[field][1] = first[field][1], first[field][0]
     (split / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(DataError, match=f"{first['name']}.*index does not match"):
         _take(_train(split, batch_size=1), 2 * load_manifest(split).num_samples)
@@ -333,3 +334,19 @@ def test_prepare_batch_normalises_on_device(shard_dir: Path) -> None:
     assert torch.allclose(out["images"], expected, atol=1e-5)
     assert batch["images"].dtype == torch.uint8  # input untouched
     assert torch.equal(out["boxes"], batch["boxes"])
+
+
+def test_a_damaged_byte_fails_the_sample_checksum(shard_dir: Path, tmp_path: Path) -> None:
+    split = tmp_path / "train"
+    shutil.copytree(shard_dir / "train", split)
+    index = json.loads((split / INDEX_NAME).read_text())
+    entry = index["shards"][-1]
+    start, end = entry["spans"][0]
+    with open(split / entry["name"], "r+b") as tar:  # one byte inside the sample's last member: headers intact
+        tar.seek(end - 600)
+        byte = tar.read(1)
+        tar.seek(end - 600)
+        tar.write(bytes([byte[0] ^ 0xFF]))
+    key = entry["keys"][0]
+    with pytest.raises(DataError, match=f"{entry['name']}: sample '{key}'.*fails its checksum"):
+        _take(_train(split, batch_size=1), 2 * load_manifest(split).num_samples)

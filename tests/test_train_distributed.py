@@ -230,8 +230,23 @@ def test_resume_mid_epoch_exact_same_layout_and_complete_in_one_process(one_shar
     assert resumed == {p: expected[p] for p in range(4, 16)}
 
 
-def test_a_data_error_on_one_rank_stops_both_before_training(one_shard: Path, tmp_path: Path) -> None:
-    """A corrupt image that only rank 1 meets in its first batch: both ranks stop with its message, nothing saved."""
+def _damage_sample(split: Path, key: str) -> None:
+    """Zero the start of sample `key`'s JPEG in place (found through the split's index): headers stay valid."""
+    index = json.loads((split / "index.json").read_text())
+    shard, start = next((sh["name"], sp[0]) for sh in index["shards"] for k, sp in zip(sh["keys"], sh["spans"])
+                        if k == key)
+    with open(split / shard, "r+b") as tar:
+        tar.seek(start)
+        assert tar.read(100).rstrip(b"\0").decode() == f"{key}.rgb.jpg"
+        tar.seek(start + 512)
+        tar.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("batch", [0, 1], ids=["first_batch", "mid_run"])
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_message(one_shard: Path, tmp_path: Path,
+                                                                    batch: int) -> None:
+    """A damaged sample that only rank 1 reads (in its first batch, or in its second = iteration 2): both ranks stop
+    with the same one-line cause instead of one dying in a collective; nothing is saved after it."""
     import shutil
 
     from rock_dist.data.pipeline import make_train_loader
@@ -240,24 +255,21 @@ def test_a_data_error_on_one_rank_stops_both_before_training(one_shard: Path, tm
     shutil.copytree(one_shard / "train", split)
     stream = make_train_loader(str(split), image_size=(128, 160), target_size=(16, 20), batch_size=2, num_workers=0,
                                seed=0, rank=1, world_size=2)
-    victim = stream.planned_keys(1)[0]
-    index = json.loads((split / "index.json").read_text())
-    start = next(sp[0] for sh in index["shards"] for k, sp in zip(sh["keys"], sh["spans"]) if k == victim)
-    with open(split / index["shards"][0]["name"], "r+b") as tar:
-        tar.seek(start)
-        assert tar.read(100).rstrip(b"\0").decode() == f"{victim}.rgb.jpg"
-        tar.seek(start + 512)
-        tar.write(b"\0" * 64)  # the JPEG's start: no longer an image
+    victim = stream.planned_keys(1, first=2 * batch)[0]
+    _damage_sample(split, victim)
     cmd = [str(LAUNCH / "cpu_2proc.sh"), "--train_path", str(split), "--val_path", "", *SMALL,
-           "--num_iters", "2", "--save_path", str(tmp_path / "ckpt")]
+           "--num_iters", "3", "--model_save_freq", "1", "--save_path", str(tmp_path / "ckpt")]
     proc = subprocess.run(cmd, env=_env(MAIN_PORT=str(_free_port())), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert output.count("error: the training data failed on some process before training started: rank 1") == 2, \
-        output[-4000:]
-    assert victim in output and "cannot decode" in output
-    assert not (tmp_path / "ckpt").exists()
+    where = ("the training data failed on some process before training started" if batch == 0 else
+             "training data failed at iteration 2")
+    lines = [ln for ln in output.splitlines() if ln.startswith(f"error: {where}: rank 1: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], output[-4000:]  # the same line from both ranks
+    assert victim in lines[0] and "fails its checksum" in lines[0]
+    saved = [s for s, _ in ckpt.periodic_checkpoints(tmp_path / "ckpt")]
+    assert saved == ([] if batch == 0 else [1])  # iteration 1 completed and was saved; nothing after
 
 
 @pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it

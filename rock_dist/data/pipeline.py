@@ -156,7 +156,7 @@ class _IndexedDataset(IterableDataset):
                 for s, k, local, aug in _planned_samples(plan, epoch_plan, maps, j * plan.batch_size,
                                                          plan.batch_size):
                     index = plan.indexes[s][k]
-                    raw = reader.read(plan.urls[s][k], index.keys[local], index.spans[local])
+                    raw = reader.read(plan.urls[s][k], index.keys[local], index.spans[local], index.crcs[local])
                     sample = decode_sample(raw, where=f"{plan.urls[s][k]}:{index.keys[local]}")
                     batch.append(plan.transform(sample, random.Random(aug)))
                 yield collate(batch)

@@ -16,6 +16,7 @@ Called by `rock_dist.engine.trainer` (saving, resuming) and by `evaluate` / `det
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -104,15 +105,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: checkpoint file not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False, which would execute whatever a damaged or foreign file
+        # holds: never the advice for a checkpoint that should contain only tensors, numbers and strings.
+        raise DataError(f"{path}: not a rock_dist checkpoint: it is damaged or holds objects other than tensors, "
+                        "numbers and strings (rock_dist.train writes only those; such a file is not loaded "
+                        "further)") from err
     except Exception as err:  # torch raises many types for truncated/foreign files
-        raise DataError(f"{path}: not a readable rock_dist checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        first = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise DataError(f"{path}: not a readable rock_dist checkpoint (expected a file written by rock_dist.train "
+                        f"or rock_dist's weights; {type(err).__name__}: {first})") from err
     if not isinstance(data, dict) or data.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
         raise DataError(f"{path}: not a rock_dist weights file or checkpoint (missing or unknown 'format')")
     for key in ("model", "model_config"):
         if key not in data:
             raise DataError(f"{path}: checkpoint has no {key!r} entry")
     return data
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str:
+    """What keeps `given` from loading into a model whose state dict is `expected` ('' when it fits): missing and
+    unexpected keys and shape differences, counted, with the first few named."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} in the file vs {tuple(v.shape)} in the model" for k, v in expected.items()
+              if k in given and isinstance(given[k], torch.Tensor) and tuple(given[k].shape) != tuple(v.shape)]
+    parts = [f"{len(items)} {what} (e.g. {', '.join(items[:3])})" for what, items in
+             (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)) if items]
+    return "; ".join(parts)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelConfig,
@@ -128,11 +148,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     model_config = from_dict(ModelConfig, data["model_config"])
     model_config.pretrained = "none"
     model = build_model(model_config)
-    try:
-        model.load_state_dict(strip_wrapper_prefixes(data["model"]), strict=True)
-    except RuntimeError as err:
-        raise DataError(f"{path}: weights do not fit the stored model configuration ({str(err).splitlines()[0]})"
-                        ) from err
+    state = strip_wrapper_prefixes(data["model"])
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise DataError(f"{path}: weights do not fit the stored model configuration (backbone "
+                        f"{model_config.backbone}, {'SSD' if model_config.no_rock else 'ROCK'}, "
+                        f"{model_config.num_classes} classes): {problem}")
+    model.load_state_dict(state, strict=True)
     model.to(device)
     model.eval()
     meta = {"format": data["format"], "class_names": list(data.get("class_names", [])),

@@ -454,6 +454,8 @@ class Trainer:
                     console.always(f"checkpoint is at step {st.step} >= --num_iters {cfg.num_iters}: "
                                    "nothing left to train")
                 else:
+                    if cfg.data.check_data:
+                        self._check_training_data(console)
                     first = self._open_stream_checked()
                     if resumed:
                         console.always(self._resume_message())
@@ -580,6 +582,27 @@ class Trainer:
         if error:
             raise ConfigError(error)
         return lock
+
+    def _check_training_data(self, console: TrainConsole) -> None:
+        """`--check_data`: the main process verifies every local split of --train_path (shards verify without
+        decoding); every rank stops with the same list when anything is wrong."""
+        from rock_dist.data.manifest import load_manifest
+        from rock_dist.data.sources import load_sources
+        from rock_dist.shards import verify_split
+
+        problems: list[str] = []
+        if self.is_main:
+            started = time.perf_counter()
+            splits = sorted({src.manifest for src in load_sources(self.cfg.data.train_path)
+                             if src.manifest and src.manifest != "remote"})
+            for manifest_path in splits:
+                problems += verify_split(load_manifest(manifest_path), decode=False)
+            console.always(f"--check_data: {len(splits)} split(s) checked in {time.perf_counter() - started:.1f}s, "
+                           f"{len(problems)} problem(s)")
+        problems = broadcast_object(problems)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise DataError(f"--check_data: the training data has {len(problems)} problem(s): {shown}")
 
     def _stop_agreed(self, data_error: str | None, fetched: int) -> bool:
         """Agree across ranks, before the step's first collective, on data errors (raised on every rank with every
