@@ -4,7 +4,8 @@
 #   e.g. launch/cpu_2proc.sh --backbone resnet18 --pretrained none --image_size 128 160 --batch_size 2 \
 #            --num_iters 20
 # Why not `accelerate launch --cpu --num_processes 2`: that starts ONE process. `--multi_gpu` with
-# ACCELERATE_USE_CPU=1 starts N processes that join one gloo group (SPEC §8); the trainer asserts the world size.
+# ACCELERATE_USE_CPU=1 starts N processes that join one gloo group (docs/training.md); the trainer asserts the world
+# size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ACCELERATE_USE_CPU=1

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 : "${NUM_MACHINES:?set NUM_MACHINES}" "${MACHINE_RANK:?set MACHINE_RANK}" "${MAIN_ADDR:?set MAIN_ADDR}"
 extra=()
 if [[ "${CPU:-0}" == "1" ]]; then
-    # Without ACCELERATE_USE_CPU a --multi_gpu launch on CPU starts unrelated single processes (SPEC §8).
+    # Without ACCELERATE_USE_CPU a --multi_gpu launch on CPU starts unrelated single processes (docs/training.md).
     export ACCELERATE_USE_CPU=1
     GPUS_PER_MACHINE="${GPUS_PER_MACHINE:-1}"
     extra+=(--cpu)

@@ -31,7 +31,7 @@ def opt(help: str, default: Any = dataclasses.MISSING, *, positional: bool = Fal
 # --------------------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    """Architecture and criterion options (SPEC §4–5)."""
+    """Architecture and criterion options (docs/architecture.md, docs/losses.md)."""
 
     backbone: Literal["resnet18", "resnet34", "resnet50"] = opt("Backbone (torchvision ResNet, last stage dilated).",
                                                                  "resnet50")
@@ -61,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and detection post-processing (SPEC §5, §7)."""
+    """Loss weights and detection post-processing (docs/losses.md, docs/architecture.md)."""
 
     loc_weight: float = opt("Weight of the SmoothL1 box loss inside the detection loss.", 6.0, cli=False)
     scene_weight: float = opt("Weight of the scene NLL loss.", 3.0, cli=False)
@@ -76,7 +76,7 @@ class LossConfig:
 # ---------------------------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """Where shards are and how batches are made (SPEC §3, §6, §8)."""
+    """Where shards are and how batches are made (docs/data_format.md, docs/augmentation.md, docs/data_pipeline.md)."""
 
     train_path: str = opt("Training shards: a split directory with manifest.json, a brace pattern, 'pipe:' "
                           "commands, or several sources as SRC[:WEIGHT],SRC[:WEIGHT].", "shards/nyuv2/train")
@@ -381,7 +381,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- shards
-# Owner: data-official. Flags of `python -m rock_dist.shards build|verify` (SPEC §1, §3).
+# Owner: data-official. Flags of `python -m rock_dist.shards build|verify` (docs/data_format.md).
 @dataclass
 class ShardsBuildConfig:
     """Flags of `python -m rock_dist.shards build`: official NYUv2 files -> WebDataset shards + manifests."""

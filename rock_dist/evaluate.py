@@ -52,8 +52,8 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
     if device == "auto":
-        # A launch with ACCELERATE_USE_CPU=1 runs gloo on the CPU (SPEC §8); 'auto' must agree with it, or a GPU
-        # machine would pick bf16 on CUDA for an Accelerator that is forced onto the CPU.
+        # A launch with ACCELERATE_USE_CPU=1 runs gloo on the CPU (docs/training.md); 'auto' must agree with it, or a
+        # GPU machine would pick bf16 on CUDA for an Accelerator that is forced onto the CPU.
         return "cuda" if torch.cuda.is_available() and not _cpu_forced() else "cpu"
     return device
 
@@ -68,7 +68,8 @@ def resolve_mixed_precision(choice: str, device: str) -> str:
 
 
 def make_accelerator(device: str, mixed_precision: str) -> Any:
-    """An Accelerator for inference; CPU is forced when asked, so a CPU multi-process launch uses gloo (SPEC §8)."""
+    """An Accelerator for inference; CPU is forced when asked, so a CPU multi-process launch uses gloo
+    (docs/training.md)."""
     from accelerate import Accelerator
 
     cpu = device == "cpu" or _cpu_forced()

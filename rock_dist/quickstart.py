@@ -104,7 +104,8 @@ def _launcher(num_processes: int) -> list[str]:
 def _layout(gpus: int, num_processes: int) -> list[str]:
     if gpus == 0:
         if num_processes > 1:
-            # SPEC §8: `--cpu --num_processes N` starts one process; N CPU processes need --multi_gpu + forced CPU.
+            # `--cpu --num_processes N` starts one process; N CPU processes need --multi_gpu + forced CPU
+            # (docs/training.md).
             return ["--multi_gpu", "--num_machines", "1", "--num_processes", str(num_processes), "-m",
                     "rock_dist.train", "--cpu"]
         threads = str(os.cpu_count() or 1)

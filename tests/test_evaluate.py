@@ -68,7 +68,7 @@ def test_perfect_detections_give_ap_one(tmp_path: Path) -> None:
     assert metrics["AP50"] == pytest.approx(1.0)
     assert metrics["num_images"] == 2 and metrics["num_gt"] == 3 and metrics["num_detections"] == 3
     gt = json.loads((tmp_path / GROUND_TRUTH_FILE).read_text())
-    # SPEC §2: [x0, y0, x1 - x0, y1 - y0], area w*h, iscrowd 0; category ids 1..19 named from the class list.
+    # docs/evaluation.md: [x0, y0, x1 - x0, y1 - y0], area w*h, iscrowd 0; category ids 1..19 named from the class list.
     first = gt["annotations"][0]
     assert first["bbox"] == [1, 2, 29, 38] and first["area"] == 29 * 38 and first["iscrowd"] == 0
     assert [c["id"] for c in gt["categories"]] == list(range(1, 20))

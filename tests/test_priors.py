@@ -1,4 +1,4 @@
-"""Prior boxes and feature-map geometry (rock_dist.model.priors) against the SPEC §4 formula."""
+"""Prior boxes and feature-map geometry (rock_dist.model.priors) against the formula of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_reference_geometry_at_480x640() -> None:
 
 
 def _spec_prior(k: int, size: int, i: int, j: int) -> tuple[float, float, float, float]:
-    """One prior straight from the SPEC's wording, with the reference's steps at 480x640."""
+    """One prior straight from the wording of docs/architecture.md, with the reference's steps at 480x640."""
     steps_h = [16, 32, 60, 120, 240, 480]
     steps_w = [16, 32, 64, 128, 213, 640]
     fw, fh = 640 / steps_w[k], 480 / steps_h[k]

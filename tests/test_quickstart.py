@@ -26,7 +26,8 @@ def test_cpu_layouts_start_the_requested_processes() -> None:
     one = quickstart._layout(gpus=0, num_processes=0)
     assert one[:2] == ["--cpu", "--num_machines"] and one[one.index("--num_processes") + 1] == "1"
     two = quickstart._layout(gpus=0, num_processes=2)
-    # SPEC §8: `--cpu --num_processes 2` starts one process, so two CPU processes go through --multi_gpu + --cpu.
+    # `--cpu --num_processes 2` starts one process, so two CPU processes go through --multi_gpu + --cpu
+    # (docs/training.md).
     assert two[0] == "--multi_gpu" and two[two.index("--num_processes") + 1] == "2" and two[-1] == "--cpu"
     gpus = quickstart._layout(gpus=4, num_processes=0)
     assert gpus[0] == "--multi_gpu" and gpus[gpus.index("--num_processes") + 1] == "4"

@@ -338,7 +338,7 @@ def test_console_rich_bar_on_a_terminal() -> None:
 
 
 def test_world_size_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A launcher that started 2 processes which each see a world of 1 (SPEC §8) must not train."""
+    """A launcher that started 2 processes which each see a world of 1 (docs/training.md) must not train."""
     from types import SimpleNamespace
 
     from rock_dist.engine.distributed import check_world_size

@@ -277,7 +277,7 @@ def test_two_machines_on_loopback(one_per_shard: Path, tmp_path: Path) -> None:
     """Two launcher invocations (machine ranks 0 and 1, one CPU process each) rendezvous on 127.0.0.1."""
     record = tmp_path / "record"
     port = str(_free_port())
-    # A subset of the auxiliary tasks (SPEC §8: no parameter may be left without a gradient under DDP).
+    # A subset of the auxiliary tasks (docs/training.md: no parameter may be left without a gradient under DDP).
     args = ["--train_path", str(one_per_shard / "train"), "--val_path", "", *SMALL, "--num_iters", "2",
             "--model_save_freq", "0", "--save_path", str(tmp_path / "ckpt"), "--aux_tasks", "scene", "normals"]
     procs = [subprocess.Popen([str(LAUNCH / "multi_node.sh"), *args],

@@ -1,4 +1,4 @@
-"""The batch format of contract §3: collation of transformed samples and the move to the training device.
+"""The batch format of docs/data_format.md: collation of transformed samples and the move to the training device.
 
 `collate` runs inside the loader workers (batching is part of the pipeline, so workers ship whole batches and the
 main process does no per-sample work); `prepare_batch` is called by the trainer, evaluation and benchmarks on every
@@ -31,7 +31,7 @@ def _stack_shared(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample dicts (from `TrainTransform` / `EvalTransform`) into one batch dict (contract §3).
+    """Stack per-sample dicts (from `TrainTransform` / `EvalTransform`) into one batch dict (docs/data_format.md).
 
     Boxes are padded to M = max(1, most boxes in the batch) with label 0; M >= 1 keeps every shape non-empty so
     that matching code needs no special case for a batch without objects.

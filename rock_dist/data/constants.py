@@ -6,7 +6,7 @@ evaluation (category names). Ids never depend on which classes or scenes a parti
 
 from __future__ import annotations
 
-# Detection classes in alphabetical order; label id = position + 1 (0 is background). SPEC §2.
+# Detection classes in alphabetical order; label id = position + 1 (0 is background). docs/data_format.md.
 CLASS_NAMES: tuple[str, ...] = (
     "bathtub",
     "bed",
@@ -55,7 +55,7 @@ NYU_LABEL_IDS: dict[str, int] = {
 
 NUM_CLASSES_WITH_BACKGROUND = len(CLASS_NAMES) + 1  # 20 labels, as the SSD head predicts
 
-# The 27 NYUv2 scene types in sorted order (note the dataset's own spelling "excercise_room"). SPEC §2.
+# The 27 NYUv2 scene types in sorted order (note the dataset's own spelling "excercise_room"). docs/data_format.md.
 SCENE_TYPES: tuple[str, ...] = (
     "basement",
     "bathroom",

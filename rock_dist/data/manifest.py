@@ -1,4 +1,4 @@
-"""The per-split `manifest.json` of a shard directory (contract §2, SPEC §3): read, validate, write.
+"""The per-split `manifest.json` of a shard directory (docs/data_format.md): read, validate, write.
 
 Written by the shard builder (`rock_dist.shards`); read by the training/evaluation pipelines to plan epochs without
 scanning tars (`shard_paths`, per-shard `num_samples`), by the model builder (class and scene vocabularies) and by

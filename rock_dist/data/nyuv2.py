@@ -1,4 +1,4 @@
-"""Reader of the official NYU Depth v2 files, one image at a time (SPEC §1–2).
+"""Reader of the official NYU Depth v2 files, one image at a time (docs/data_format.md).
 
 Used by the shard builder (`rock_dist.shards`) and by tests; training never reads these files directly. Inputs:
 `nyu_depth_v2_labeled.mat` (MATLAB v7.3 = HDF5, read with h5py per index, never whole arrays), `splits.mat`

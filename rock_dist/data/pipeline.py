@@ -497,7 +497,7 @@ class EvalLoader:
 def make_eval_loader(split_dir: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
                      rank: int, world_size: int) -> EvalLoader:
     """Deterministic evaluation batches of one split (a split directory or a single source string); every image
-    exactly once across ranks (contract §3)."""
+    exactly once across ranks (docs/evaluation.md)."""
     sources = load_sources(split_dir)
     if len(sources) != 1 or sources[0].weight is not None:
         raise ConfigError(f"evaluation source {split_dir!r}: give exactly one split (no mixing, no weights)")

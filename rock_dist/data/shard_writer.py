@@ -1,4 +1,4 @@
-"""The shard member format (contract §2, SPEC §3): encode one NYUv2 sample as tar members, write shards, check them.
+"""The shard member format (docs/data_format.md): encode one NYUv2 sample as tar members, write shards, check them.
 
 Used by the shard builder (`rock_dist.shards build`) to write and by `shards verify` to check every member. A sample
 is `{key}.{ext}` members with a dot-free key (`nyuv2_0004`, the 0-based .mat index), which is how WebDataset groups

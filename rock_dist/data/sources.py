@@ -3,12 +3,12 @@
 Called by `rock_dist.data.pipeline` (epoch planning in the main process, tar reading inside loader workers) and by
 the data benchmark. A source string is one or more comma-separated ``SRC[:WEIGHT]`` items, each SRC being
 
-- a split directory holding ``manifest.json`` and its shards (the normal case, contract §2), or a manifest file;
+- a split directory holding ``manifest.json`` and its shards (the normal case, docs/data_format.md), or a manifest file;
 - a brace pattern of local tar files (``shards/nyuv2/train/shard-{000000..000007}.tar``); sample counts come from
   the ``manifest.json`` next to them, or from a header scan of the tars when there is none;
 - remote shards: ``pipe:`` commands (``pipe:aws s3 cp s3://b/nyuv2/train/shard-{000000..000007}.tar -``) or
   http(s) URLs. Their manifest is fetched the same way with the tar name replaced by ``manifest.json``, so the
-  epoch plan (equal steps on every rank, SPEC §8) never needs to scan remote tars.
+  epoch plan (equal steps on every rank, docs/data_pipeline.md) never needs to scan remote tars.
 
 Commas inside braces belong to the pattern; a trailing ``:NUMBER`` is a mixing weight. Either every item has a
 weight or none has (then sources are mixed in proportion to their sizes, i.e. like a concatenation).

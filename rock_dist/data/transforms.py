@@ -5,7 +5,8 @@ data benchmark. Everything works on uint8/uint16/float tensors decoded with `tor
 geometry is applied to the crop before resizing, and the auxiliary maps are sampled directly at the small target
 size (h, w) instead of being resized at full resolution.
 
-Training augmentation follows the reference (vita-epfl/rock-pytorch, `rock/datasets/transforms.py`, SPEC §6):
+Training augmentation follows the reference (vita-epfl/rock-pytorch, `rock/datasets/transforms.py`; see
+docs/augmentation.md):
 
 1. SSD random crop. One option is drawn uniformly from
    ``[0.1, 0.3, 0.5, 0.7, 0.9, free, free, none]`` (``force_crops`` removes ``none`` and the second ``free``,
@@ -31,7 +32,7 @@ continuous crop and cut the image at truncated pixel positions, a sub-pixel mism
 
 Box convention (the reference's, shared with evaluation): a stored inclusive pixel box [x0, y0, x1, y1] is
 normalised as (x0 / W, y0 / H, x1 / W, y1 / H); evaluation maps back by multiplying with the stored size, which gives
-the COCO width x1 - x0 (SPEC §2).
+the COCO width x1 - x0 (docs/data_format.md, docs/evaluation.md).
 
 Auxiliary targets at (h, w), nearest sampling at pixel centres of the (cropped, flipped) maps:
 
@@ -87,7 +88,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.15, 0.25, 0.25, 0.05
 # torchvision's grayscale weights (ITU-R 601-2 luma), used by contrast and saturation.
 _GRAY = (0.2989, 0.587, 0.114)
 
-# Shard members (contract §2).
+# Shard members (docs/data_format.md).
 RGB_MEMBERS = ("rgb.jpg", "rgb.png")
 
 
@@ -161,7 +162,7 @@ def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | No
 
 
 def decode_sample(raw: Mapping[str, Any], *, where: str = "") -> DecodedSample:
-    """Decode the members of one WebDataset sample (contract §2) into a `DecodedSample`.
+    """Decode the members of one WebDataset sample (docs/data_format.md) into a `DecodedSample`.
 
     `raw` maps member suffixes ('rgb.jpg', 'depth.png', 'json', ...) to bytes, plus '__key__'. `where` names the
     shard for error messages. Absent optional members become None / -1; malformed members raise DataError.

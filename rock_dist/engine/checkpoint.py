@@ -1,6 +1,6 @@
 """Checkpoint and weights files: writing them atomically, rotating them, and loading them anywhere.
 
-Two kinds of file (contract §5):
+Two kinds of file (docs/training.md):
 - weights-only (`save_weights`): {"format": "rock_dist-weights", "model", "model_config", "class_names",
   "scene_types"} — what `evaluate` and `detect` need, written at the end of training;
 - training checkpoint (`CheckpointManager.save`): the same keys with format "rock_dist-checkpoint" plus optimizer,
@@ -8,8 +8,8 @@ Two kinds of file (contract §5):
 
 Everything stored is CPU tensors and plain Python values with no wrapper prefixes (`module.` from DDP, `_orig_mod.`
 from torch.compile), so any file loads with `torch.load(weights_only=True, map_location=...)` into 1 or N processes,
-on CPU or GPU (SPEC §8). Writes go through `rock_dist.fsutil.atomic_torch_save`: an interrupted save (Ctrl-C, crash,
-full disk) never replaces or removes the previous complete checkpoint.
+on CPU or GPU (docs/training.md). Writes go through `rock_dist.fsutil.atomic_torch_save`: an interrupted save
+(Ctrl-C, crash, full disk) never replaces or removes the previous complete checkpoint.
 
 Called by `rock_dist.engine.trainer` (saving, resuming) and by `evaluate` / `detect` (`load_model`).
 """
@@ -86,7 +86,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights(path: str | Path, model: torch.nn.Module, model_config: ModelConfig, class_names: list[str],
                  scene_types: list[str]) -> Path:
-    """Write the final weights-only file (contract §5) atomically; returns its path."""
+    """Write the final weights-only file (docs/training.md) atomically; returns its path."""
     path = Path(path)
     save_with_space_check(path, {
         "format": WEIGHTS_FORMAT,

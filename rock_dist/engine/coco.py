@@ -4,7 +4,7 @@ Called by `rock_dist.engine.evaluation.evaluate` on the main process after the p
 been gathered and de-duplicated. Kept free of any distributed or model code so that the exact COCO numbers can be
 tested on constructed inputs and compared against pycocotools called directly.
 
-Conventions (SPEC §2): ground-truth boxes come from the shards as inclusive pixel xyxy and become COCO
+Conventions (docs/evaluation.md): ground-truth boxes come from the shards as inclusive pixel xyxy and become COCO
 `[x0, y0, x1 - x0, y1 - y0]` with `area = w * h` and `iscrowd = 0`; category ids are 1..C in the order of the
 manifest's class names. Every evaluated image is listed in `images`, also those without any box, so detections
 on them count as false positives.

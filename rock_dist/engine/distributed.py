@@ -26,7 +26,7 @@ def check_world_size(accelerator: Any) -> None:
     """Fail when the launcher started more processes than joined the process group.
 
     `accelerate launch --multi_gpu` on a machine without CUDA (and without CPU forced) starts N processes that each
-    believe they are alone (SPEC §8): every one of them would train on the full data and write the same files.
+    believe they are alone (docs/training.md): every one of them would train on the full data and write the same files.
     The launcher's WORLD_SIZE tells us how many there should be.
     """
     expected = int(os.environ.get("WORLD_SIZE", "1") or 1)

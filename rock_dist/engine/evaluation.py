@@ -11,7 +11,7 @@ truth, its auxiliary statistics), and then:
 3. the result (or the error) is broadcast, so every rank returns the same metrics or raises the same error.
 
 Because everything after step 1 depends only on the set of records, 1 process and N processes give identical
-metrics (SPEC §8), provided the network's outputs per image are the same.
+metrics (docs/evaluation.md), provided the network's outputs per image are the same.
 """
 
 from __future__ import annotations
@@ -136,9 +136,10 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
              expected_images: int | None = None) -> dict[str, Any]:
     """Evaluate `model` on every image of `loader` across all ranks; every rank returns the same metrics.
 
-    model: ROCKDetector, possibly wrapped (DDP, torch.compile). loader: this rank's eval batches (contract §3; each
-    image on exactly one rank). accelerator: the Accelerator (device, autocast) or None for a plain single process
-    on the model's device. loss_config: gives `score_threshold`, `nms_iou`, `max_detections` for decoding.
+    model: ROCKDetector, possibly wrapped (DDP, torch.compile). loader: this rank's eval batches (format of
+    docs/data_format.md; each image on exactly one rank). accelerator: the Accelerator (device, autocast) or None for
+    a plain single process on the model's device. loss_config: gives `score_threshold`, `nms_iou`, `max_detections`
+    for decoding.
     out_dir: where the main process writes ground_truth.json, detections.json, metrics.json (None: no files).
     show_all_cats: include per-category AP/AP50 (`per_category`). backend: 'pycocotools' or 'faster_coco_eval'.
     progress: called after each batch with the number of images this rank just evaluated.
@@ -200,7 +201,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
                 raise DataError(f"evaluation saw {len(unique)} distinct images but the split has "
                                 f"{expected_images}: the loader dropped or invented samples")
             # num_processes / images_per_process show that the work really was split (and how evenly): a
-            # launcher that starts N unrelated single processes would report 1 here (SPEC §8).
+            # launcher that starts N unrelated single processes would report 1 here (docs/training.md).
             extra = {"num_duplicates": duplicates, "num_processes": len(gathered),
                      "images_per_process": [len(g["records"]) for g in gathered]}
             metrics = compute_metrics(unique, class_names, backend=backend, show_all_cats=show_all_cats,

@@ -1,4 +1,4 @@
-"""Auxiliary-task metrics (SPEC §7): scene accuracy, depth abs-rel / RMSE / δ<1.25, normals angle statistics.
+"""Auxiliary-task metrics: scene accuracy, depth abs-rel / RMSE / δ<1.25, normals angle statistics (docs/evaluation.md).
 
 Called by `rock_dist.engine.evaluation.evaluate` in two steps so that the numbers do not depend on how images were
 split across ranks: `aux_image_stats` turns one batch of predictions into small per-image records (computed on the

@@ -29,7 +29,7 @@ COUNT_KEYS: tuple[str, ...] = ("det", "scene", "depth", "normals")
 def micro_batch_counts(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """float64 (4,) on the CPU: images, samples with scene, samples with depth, valid normal pixels of `batch`.
 
-    `batch` is the CPU batch of contract §3 (targets already at the model's aux output size, as the criterion
+    `batch` is the CPU batch of docs/data_format.md (targets already at the model's aux output size, as the criterion
     expects them). Counts mirror the weights of the criterion's masked means.
     """
     images = batch["images"].shape[0]

@@ -38,7 +38,7 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.device == "cuda" and not has_cuda:
         raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
     # 'auto' on a machine without CUDA must mean CPU explicitly: an Accelerator that is not told cpu=True under a
-    # `--multi_gpu` launch on such a machine silently starts N unrelated single processes (SPEC §8).
+    # `--multi_gpu` launch on such a machine silently starts N unrelated single processes (docs/training.md).
     cpu = cfg.cpu or cfg.device == "cpu" or (cfg.device == "auto" and not has_cuda)
     # The launcher may also force CPU (ACCELERATE_USE_CPU=1 from `accelerate launch --cpu` or our launch scripts).
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
@@ -60,17 +60,18 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
 def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_parameters: bool) -> Any:
     """The Accelerator for training.
 
-    No data loader and no scheduler are ever passed to `prepare` (SPEC §8): the WebDataset stream is split by rank in
-    the pipeline, and the LR schedule counts global optimizer steps itself. Gradient accumulation uses Accelerate's
-    `accumulate` (no DDP all-reduce on the inner micro-batches, loss divided by the number of micro-batches); syncing
-    with a data loader's end is switched off because the stream has no end that all ranks reach together.
+    No data loader and no scheduler are ever passed to `prepare` (docs/training.md): the WebDataset stream is split by
+    rank in the pipeline, and the LR schedule counts global optimizer steps itself. Gradient accumulation uses
+    Accelerate's `accumulate` (no DDP all-reduce on the inner micro-batches, loss divided by the number of
+    micro-batches); syncing with a data loader's end is switched off because the stream has no end that all ranks
+    reach together.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     handlers = [
         # find_unused_parameters: with a subset of auxiliary tasks (or --no_rock) some parameters get no gradient
-        # and DDP would otherwise wait for them forever (SPEC §8).
+        # and DDP would otherwise wait for them forever (docs/training.md).
         DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
         # A finite timeout turns a desynchronised rank into an error instead of an endless hang.
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),

@@ -5,7 +5,7 @@ iteration = one optimizer step = `gradient_accumulation_steps` micro-batches of 
 W processes. The loop:
 
 1. takes the step's K micro-batches from this rank's share of the WebDataset stream (split by rank in the pipeline —
-   the stream is never passed through `accelerator.prepare`, SPEC §8), counts what each loss averages over and
+   the stream is never passed through `accelerator.prepare`, docs/training.md), counts what each loss averages over and
    all-reduces the counts, so the loss is normalised over the global batch (`engine.normalization`);
 2. forward + backward per micro-batch under `accelerator.accumulate` (DDP all-reduces only on the last one);
 3. all-reduces the loss components together with a per-rank non-finite flag: a NaN/inf on ANY rank raises
@@ -181,7 +181,7 @@ class Trainer:
         recipe = training_recipe(self.runtime, self.device, fold_bn=cfg.fold_backbone_bn)
         model = prepare_model_for_training(model, recipe, self.device)
         optimizer = make_optimizer(model, recipe, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # Deliberately NOT prepared: a prepared scheduler steps once per process per optimizer step (SPEC §8).
+        # Deliberately NOT prepared: a prepared scheduler steps once per process per optimizer step (docs/training.md).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.criterion = criterion.to(self.device)
@@ -361,7 +361,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[Mapping[str, torch.Tensor]], step: int | None = None
                    ) -> dict[str, float]:
-        """One optimizer step over this rank's K micro-batches (CPU batches of contract §3).
+        """One optimizer step over this rank's K micro-batches (CPU batches of docs/data_format.md).
 
         Returns the global-batch loss components (same values on every rank) and "lr" (the lr used).
         Raises NonFiniteLossError on every rank together when any rank's loss is not finite.

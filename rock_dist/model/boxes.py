@@ -16,7 +16,7 @@ import torch
 
 from rock_dist.model.priors import VARIANCE_WH, VARIANCE_XY
 
-# Positive / background IoU thresholds of the matching (SPEC §4).
+# Positive / background IoU thresholds of the matching (docs/architecture.md).
 POSITIVE_IOU = 0.5
 BACKGROUND_IOU = 0.4
 # Label given to priors whose best IoU lies between the two thresholds: they take part in no loss.

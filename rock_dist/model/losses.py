@@ -1,4 +1,4 @@
-"""ROCKCriterion: SSD detection loss plus the masked auxiliary losses (scene, depth, normals), SPEC §5.
+"""ROCKCriterion: SSD detection loss plus the masked auxiliary losses (scene, depth, normals), docs/losses.md.
 
 Built by `builder.build_criterion`; called by the trainer and evaluation as `criterion(outputs, batch)`. Matching of
 priors to boxes runs here, vectorised over the padded batch on the batch's device. No loss uses data-dependent Python
@@ -6,7 +6,7 @@ control flow or host synchronisation, so the criterion can be compiled together 
 
 Returned components (all scalar tensors): `loss_loc` and `loss_conf` are the per-image box and class losses divided
 by the image's positives and averaged over the batch (images without boxes count as 0); `loss_det` =
-loc_weight * loss_loc + loss_conf (the SPEC's detection loss); `loss_scene`, `loss_depth`, `loss_normals` are the
+loc_weight * loss_loc + loss_conf (the reference's detection loss); `loss_scene`, `loss_depth`, `loss_normals` are the
 UNweighted auxiliary losses of the trained tasks; `loss` = loss_det + Σ weight_t * loss_t; `num_pos` the number of
 positive priors in the batch (detached).
 
@@ -161,8 +161,8 @@ class ROCKCriterion(nn.Module):
     """criterion(outputs, batch) → dict of scalar losses (see the module docstring).
 
     outputs: the detector's dict ("loc" B x P x 4, "conf" B x P x C, plus "scene"/"depth"/"normals" of the trained
-    tasks). batch (contract §3, on the outputs' device): "boxes" B x M x 4, "labels" B x M, and for the trained tasks
-    "scene" + "has_scene", "depth" + "has_depth", "normals" + "normals_mask" + "has_normals".
+    tasks). batch (docs/data_format.md, on the outputs' device): "boxes" B x M x 4, "labels" B x M, and for the trained
+    tasks "scene" + "has_scene", "depth" + "has_depth", "normals" + "normals_mask" + "has_normals".
     """
 
     priors: torch.Tensor

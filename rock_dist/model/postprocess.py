@@ -1,8 +1,8 @@
 """Detection decoding: network outputs → per-image boxes, scores and labels, with one batched NMS on the device.
 
-Called by `ROCKDetector.postprocess` (evaluation, detection, TensorBoard, benchmarks). Steps (SPEC §7): softmax over
-classes; per image and class keep the 200 best-scoring priors (the reference's pre-NMS cap) above the score
-threshold; per-class NMS at IoU 0.3 for all images and classes in ONE `torchvision.ops.nms` call; keep the best
+Called by `ROCKDetector.postprocess` (evaluation, detection, TensorBoard, benchmarks). Steps (docs/architecture.md):
+softmax over classes; per image and class keep the 200 best-scoring priors (the reference's pre-NMS cap) above the
+score threshold; per-class NMS at IoU 0.3 for all images and classes in ONE `torchvision.ops.nms` call; keep the best
 `max_detections` per image. Nothing loops over images or priors in Python except splitting the final result into
 the per-image list, and the network's tensors are never modified.
 """

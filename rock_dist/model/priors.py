@@ -29,14 +29,14 @@ import torch
 from rock_dist.config import BACKBONES
 from rock_dist.errors import ConfigError
 
-# SPEC §4 prior definition (reference `pboxes_rock`).
+# Prior definition (reference `pboxes_rock`), docs/architecture.md.
 PRIOR_SCALES: tuple[float, ...] = (0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05)
 ASPECT_RATIOS: tuple[tuple[int, ...], ...] = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 # Priors per location: two square sizes plus a transposed pair per aspect ratio (4, 6, 6, 6, 4, 4).
 PRIORS_PER_LOCATION: tuple[int, ...] = tuple(2 + 2 * len(a) for a in ASPECT_RATIOS)
 NUM_FEATURE_MAPS = len(ASPECT_RATIOS)
 
-# Box-coding variances (SPEC §4), shared by encoding (criterion) and decoding (postprocess).
+# Box-coding variances (docs/architecture.md), shared by encoding (criterion) and decoding (postprocess).
 VARIANCE_XY = 0.1
 VARIANCE_WH = 0.2
 

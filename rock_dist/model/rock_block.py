@@ -1,4 +1,4 @@
-"""The ROCK residual auxiliary block (Mordan et al., NeurIPS 2018), SPEC §4.
+"""The ROCK residual auxiliary block (Mordan et al., NeurIPS 2018), docs/architecture.md.
 
 Called by `detector.ROCKDetector`. On the backbone map x (B x C x h x w, C = 2048 for ResNet-50) a shared encoder
 feeds one branch per auxiliary task; each branch predicts its task (scene, depth or normals) by pooling a C_t-channel

@@ -1,4 +1,4 @@
-"""SSD detection head: 5 extra layers and the loc/conf prediction convolutions, SPEC §4.
+"""SSD detection head: 5 extra layers and the loc/conf prediction convolutions, docs/architecture.md.
 
 Called by `detector.ROCKDetector` on the (ROCK-fused) backbone map. Six maps (the input and the outputs of the
 extra layers) each get a 3x3 loc conv (A*4 channels) and a 3x3 conf conv (A*num_classes channels), A = 4,6,6,6,4,4

@@ -35,7 +35,7 @@ def build_inference(model_config: Any, recipe: Recipe, device: torch.device, *, 
     if nms_load == "trained":
         with torch.no_grad():
             for name, param in model.named_parameters():
-                # The conf heads' biases hold -log(99) for the object classes (SPEC §4): zero them so that
+                # The conf heads' biases hold -log(99) for the object classes (docs/architecture.md): zero them so that
                 # scores pass the threshold and NMS works as it does for a trained model.
                 if ".conf" in f".{name}" and name.endswith("bias"):
                     param.zero_()

@@ -31,8 +31,9 @@ from torch import nn
 Precision = Literal["fp32", "bf16", "fp16"]
 LoaderKind = Literal["reference", "rock_dist"]
 
-# The reference's per-GPU batch (SPEC §6) and the batch the fast path uses on a GPU (SPEC §9: 32 is where bf16 +
-# compile pay off; 64 adds ~13 % more but needs twice the memory, see `memory.find_max_batch_size`).
+# The reference's per-GPU batch (docs/training.md) and the batch the fast path uses on a GPU (docs/performance.md:
+# 32 is where bf16 + compile pay off; 64 adds ~13 % more but needs twice the memory, see
+# `memory.find_max_batch_size`).
 REFERENCE_BATCH = 8
 FAST_GPU_BATCH = 32
 

@@ -2,7 +2,7 @@
 
 Used by `perf.train_bench`, `perf.infer_bench` and `rock_dist.bench`. GPU work is asynchronous, so a timer read
 without `torch.cuda.synchronize()` measures only the launch of kernels (the reference's throughput timer had exactly
-that bug, SPEC §8b); every window here starts and ends on a synchronised device.
+that bug, docs/reference_differences.md); every window here starts and ends on a synchronised device.
 """
 
 from __future__ import annotations

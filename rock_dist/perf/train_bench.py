@@ -35,7 +35,7 @@ Batch = Mapping[str, Any]
 
 # --------------------------------------------------------------------------------------------------------- batches
 def synthetic_batch(batch_size: int, model_config: Any, *, seed: int = 0, max_boxes: int = 6) -> dict[str, Any]:
-    """A random CPU batch in the contract §3 format for `model_config` (used where no shards are at hand).
+    """A random CPU batch in the docs/data_format.md format for `model_config` (used where no shards are at hand).
 
     images uint8 B x 3 x H x W; 1..max_boxes random boxes per image (normalised xyxy); every modality present.
     """
@@ -244,7 +244,7 @@ class _ReferenceDataset(torch.utils.data.Dataset):
 
 
 def _reference_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Default collation plus the keys of contract §3 the criterion reads (every modality present)."""
+    """Default collation plus the keys of docs/data_format.md the criterion reads (every modality present)."""
     batch = torch.utils.data.default_collate(samples)
     B = batch["images"].shape[0]
     ones = torch.ones(B, dtype=torch.bool)
