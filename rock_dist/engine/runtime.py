@@ -70,8 +70,9 @@ def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_paramete
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     handlers = [
-        # find_unused_parameters: with a subset of auxiliary tasks (or --no_rock) some parameters get no gradient
-        # and DDP would otherwise wait for them forever (docs/training.md).
+        # find_unused_parameters stays available for models with parameters that may get no gradient; the
+        # trainer passes False because the builder does not build the branches of untrained tasks, so every
+        # parameter gets a gradient and DDP's per-step search for unused ones is not needed (docs/training.md).
         DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
         # A finite timeout turns a desynchronised rank into an error instead of an endless hang.
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),

@@ -15,7 +15,12 @@ W processes. The loop:
 5. logs, evaluates on the val split, writes checkpoints and TensorBoard pictures on their schedules.
 
 Resuming (`--checkpoint_path`) restores weights, optimizer, scheduler, grad scaler, per-rank RNG states, the best val
-metric and the data position (epoch, micro-batches consumed), then runs only the remaining iterations.
+metric and the data position (the stream's global sample position), then runs only the remaining iterations.
+
+Supervision (docs/training.md, "What survives what" in the README): the run holds a lock on its save directory
+(engine.run_lock); ranks started by a launcher exit when it dies (engine.supervision.ParentWatchdog); SIGTERM or
+SIGUSR1 stops every rank at the next step boundary with a checkpoint (exit 143); a data error on any rank and a
+failed save (full disk) stop every rank with the same one-line message.
 
 Test-only hooks (environment variables, unset in normal use):
 - `ROCK_DIST_FAULT_NONFINITE=STEP:RANK[,...]`: make the loss of global iteration STEP non-finite on RANK
