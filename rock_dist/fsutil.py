@@ -36,6 +36,17 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (a writer that may still own a file)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)

@@ -47,6 +47,7 @@ from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard, write
 from rock_dist.data.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample, sample_key,
                                         write_shard)
 from rock_dist.errors import ConfigError, DataError
+from rock_dist.fsutil import pid_alive
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 AUTO_TARGET_SHARDS = 64
@@ -116,21 +117,11 @@ def _worker_run(task: _Task) -> _Result:
     return _write_task(task, _WORKER["reader"], lambda split, n: ticks.put((split, n)))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temps(out: Path) -> None:
     """Delete temporary build directories of this OUT left by killed builds (their process is gone)."""
     for tmp in out.parent.glob(f".{out.name}.building-*"):
         suffix = tmp.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and not _pid_alive(int(suffix)):
+        if suffix.isdigit() and not pid_alive(int(suffix)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -77,3 +77,15 @@ def partial_shard_dir(partial_nyu_files: NYUFiles, tmp_path_factory: pytest.Temp
     out = tmp_path_factory.mktemp("shards_partial") / "partial"
     assert main(partial_nyu_files.build_argv(out, "--samples_per_shard", "5", "--dataset_name", "partial")) == 0
     return out
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps its state in class attributes; a test that trains in-process starts and ends without it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

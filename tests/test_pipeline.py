@@ -350,3 +350,15 @@ def test_a_damaged_byte_fails_the_sample_checksum(shard_dir: Path, tmp_path: Pat
     key = entry["keys"][0]
     with pytest.raises(DataError, match=f"{entry['name']}: sample '{key}'.*fails its checksum"):
         _take(_train(split, batch_size=1), 2 * load_manifest(split).num_samples)
+
+
+def test_shards_read_whole_are_checked_against_their_sha256(shard_dir: Path, tmp_path: Path) -> None:
+    split = tmp_path / "train"
+    shutil.copytree(shard_dir / "train", split)
+    victim = split / load_manifest(split).shards[0].name
+    data = bytearray(victim.read_bytes())
+    data[-1100] ^= 0xFF  # inside the last member's data or padding: every header and count stays valid
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{victim.name}: its sha256 differs from the manifest"):
+        list(make_eval_loader(str(split), image_size=IMG, target_size=TGT, batch_size=2, num_workers=0, rank=0,
+                              world_size=1))

@@ -20,7 +20,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -63,15 +63,7 @@ def one_per_shard(nyu_files: Any, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process training runs here too
 
 
 def _assert_disjoint_first_epoch(records: list[dict[str, Any]], steps: int, per_step: int) -> None:

@@ -53,6 +53,7 @@ class Shard:
     url: str
     num_samples: int | None = None
     num_bytes: int | None = None
+    sha256: str | None = None  # from the manifest; checked while a shard is streamed (indexed reads use CRCs)
 
     @property
     def name(self) -> str:
@@ -165,9 +166,14 @@ def _fetch_remote_manifest(pattern: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ sources
+def _shard_entry(url: str, entry: dict[str, Any]) -> Shard:
+    """A Shard from its manifest entry (counts, size and checksum where the manifest has them)."""
+    return Shard(url, int(entry["num_samples"]), int(entry["bytes"]) if isinstance(entry.get("bytes"), int) else None,
+                 entry["sha256"] if isinstance(entry.get("sha256"), str) else None)
+
+
 def _shards_from_manifest(data: dict[str, Any], base: str) -> list[Shard]:
-    return [Shard(url=f"{base}/{s['name']}", num_samples=int(s["num_samples"]),
-                  num_bytes=int(s["bytes"]) if isinstance(s.get("bytes"), int) else None) for s in data["shards"]]
+    return [_shard_entry(f"{base}/{s['name']}", s) for s in data["shards"]]
 
 
 def resolve_source(spec: str, weight: float | None = None, *, scan_unknown: bool = True) -> Source:
@@ -182,8 +188,7 @@ def resolve_source(spec: str, weight: float | None = None, *, scan_unknown: bool
             entry = by_name.get(names[-1]) if names else None
             if entry is None:
                 raise DataError(f"source {spec!r}: shard {names[-1] if names else url!r} is not in its manifest")
-            shards.append(Shard(url, int(entry["num_samples"]),
-                                int(entry["bytes"]) if isinstance(entry.get("bytes"), int) else None))
+            shards.append(_shard_entry(url, entry))
         return Source(spec, shards, weight, manifest="remote", meta=data)
 
     path = Path(spec)
@@ -214,8 +219,7 @@ def resolve_source(spec: str, weight: float | None = None, *, scan_unknown: bool
             entry = next((s for s in manifests[d]["shards"] if s["name"] == os.path.basename(u)), None)
             if entry is None:
                 raise DataError(f"{u}: not listed in {os.path.join(d, MANIFEST_NAME)}")
-            shards.append(Shard(u, int(entry["num_samples"]),
-                                int(entry["bytes"]) if isinstance(entry.get("bytes"), int) else None))
+            shards.append(_shard_entry(u, entry))
         elif scan_unknown:
             shards.append(Shard(u, count_tar_samples(u), os.path.getsize(u)))
         else:
@@ -263,15 +267,18 @@ def count_tar_samples(path: str) -> int:
 
 
 class _CountingReader:
-    """File wrapper that counts the bytes handed to tarfile (to compare with the manifest's shard size)."""
+    """File wrapper that counts and hashes the bytes handed to tarfile (to compare with the manifest's shard size
+    and sha256 once the shard has been read to its end)."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.count = 0
+        self.digest = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
         self.count += len(data)
+        self.digest.update(data)
         return data
 
     def drain(self) -> None:
@@ -339,6 +346,9 @@ def iter_shard(shard: Shard) -> Iterator[dict[str, Any]]:
         if shard.num_samples is not None and count != shard.num_samples:
             raise DataError(f"shard {shard.url}: {count} samples read but the manifest says {shard.num_samples}; "
                             "the file is truncated or corrupt — rebuild or re-download it")
+        if shard.sha256 is not None and reader.digest.hexdigest() != shard.sha256:
+            raise DataError(f"shard {shard.url}: its sha256 differs from the manifest's: the file was damaged or "
+                            "replaced after it was built — rebuild or re-download it")
         completed = True
     finally:
         try:

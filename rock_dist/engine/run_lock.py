@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rock_dist.errors import ConfigError
+from rock_dist.fsutil import pid_alive
 
 LOCK_NAME = ".rock_dist.lock"
 
@@ -37,16 +38,6 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass  # already gone or replaced by a run that took over a stale lock: not ours to remove
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _describe(owner: dict[str, object]) -> str:
@@ -75,7 +66,7 @@ def acquire(save_dir: str | os.PathLike[str]) -> RunLock:
             except (OSError, ValueError):
                 owner = {}
             pid = owner.get("pid")
-            if owner.get("host") == host and isinstance(pid, int) and not _alive(pid):
+            if owner.get("host") == host and isinstance(pid, int) and not pid_alive(pid):
                 note = f"took over the lock of {directory} from a run that is gone ({_describe(owner)})"
                 path.unlink(missing_ok=True)
                 continue

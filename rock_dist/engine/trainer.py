@@ -569,24 +569,18 @@ class Trainer:
     def _take_run_lock(self, console: TrainConsole) -> RunLock | None:
         """The main process takes the save directory's lock (engine.run_lock) and removes temporary files that
         killed writers of earlier runs left; every rank stops with the same message when another run holds it."""
-        lock, error = None, None
-        if self.is_main:
-            try:
-                lock = run_lock.acquire(self.cfg.save_path)
-                if lock.note:
-                    console.always(lock.note)
-                removed = ckpt.remove_stale_temps(self.cfg.save_path)
-                if removed:
-                    console.always(f"removed {len(removed)} temporary file(s) of interrupted saves from "
-                                   f"{self.cfg.save_path} ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
-                                   + ", ".join(name for name, _ in removed[:3]) + (", ..." if len(removed) > 3
-                                                                                      else ""))
-            except RockError as err:
-                error = str(err)
-        error = broadcast_object(error)
-        if error:
-            raise ConfigError(error)
-        return lock
+        def take() -> RunLock:
+            lock = run_lock.acquire(self.cfg.save_path)
+            if lock.note:
+                console.always(lock.note)
+            removed = ckpt.remove_stale_temps(self.cfg.save_path)
+            if removed:
+                console.always(f"removed {len(removed)} temporary file(s) of interrupted saves from "
+                               f"{self.cfg.save_path} ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
+                               + ", ".join(name for name, _ in removed[:3]) + (", ..." if len(removed) > 3 else ""))
+            return lock
+
+        return self._on_main(take, ConfigError)
 
     def _check_training_data(self, console: TrainConsole) -> None:
         """`--check_data`: the main process verifies every local split of --train_path (shards verify without
@@ -706,18 +700,22 @@ class Trainer:
             console.print(f"step {self.state.step}: checkpoint {path}")
 
     def _main_writes(self, write: Callable[[], Path]) -> Path | None:
-        """Run a file write on the main process (None elsewhere) and agree on its outcome: a failure (full disk)
-        raises the main process's one-line message on every rank, instead of the others dying in the next
-        collective with a lost-connection trace. Also the barrier after every save."""
+        """A file write on the main process whose failure (full disk) every rank raises: the others would otherwise
+        die in the next collective with a lost-connection trace. Also the barrier after every save."""
+        return self._on_main(write, CheckpointError)
+
+    def _on_main(self, job: Callable[[], Any], error_type: type[RockError]) -> Any:
+        """Run `job` on the main process only (None elsewhere) and agree on its outcome: a RockError there is
+        raised as `error_type` with the same message on every rank."""
         result, error = None, None
         if self.is_main:
             try:
-                result = write()
+                result = job()
             except RockError as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
-            raise CheckpointError(error)
+            raise error_type(error)
         return result
 
     def _write_record(self, result: TrainResult, record_ids: list[list[int]]) -> None:
