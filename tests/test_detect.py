@@ -52,9 +52,9 @@ def test_detect_writes_pictures_and_skips_a_corrupt_file(weights: Path, tmp_path
                  "--scene_output_path", str(tmp_path / "scene"), "--depth_output_path", str(tmp_path / "depth"),
                  "--normals_output_path", str(tmp_path / "normals"), "--device", "cpu", "--conf_threshold", "0.3",
                  "--batch_size", "2", "--get_throughput"]) == 0
-    printed = capsys.readouterr().out
-    assert "skipping" in printed and "broken.jpg" in printed
-    assert "images/s" in printed
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "broken.jpg" in captured.err  # reports of bad input go to stderr
+    assert "images/s" in captured.out
     summary = json.loads((out / DETECTIONS_JSON).read_text())
     assert summary["skipped"] == ["broken.jpg"]
     assert sorted(summary["images"]) == ["a.jpg", "b.png"]

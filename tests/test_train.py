@@ -7,9 +7,11 @@ Model: resnet18, input 128x160, --pretrained none, on the conftest's synthetic s
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -400,3 +402,40 @@ def test_color_jitter_flag_reaches_the_training_stream(shard_dir: Path, tmp_path
     trainer = Trainer(make_cfg(shard_dir, tmp_path, "--color_jitter", "none", "--num_iters", "1"))
     trainer._open_stream()
     assert trainer._stream._transform.jitter == "none"
+
+
+def _tracked(obj: Any, reads: set[str], prefix: str = "") -> Any:
+    """A copy of a config dataclass (nested ones too) that records every field the engine reads as 'prefix.name'.
+
+    Reads made by rock_dist.config itself (flag validation, to_dict for checkpoints) and by the dataclasses module
+    (replace, eq) are not counts of use: a flag that only those touch does nothing."""
+    names = {f.name for f in dataclasses.fields(obj)}
+
+    def getattribute(self: Any, name: str) -> Any:
+        if name in names and sys._getframe(1).f_globals.get("__name__") not in ("dataclasses", "rock_dist.config"):
+            reads.add(prefix + name)
+        return object.__getattribute__(self, name)
+
+    cls = type(f"Tracked{type(obj).__name__}", (type(obj),), {"__getattribute__": getattribute})
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(value):
+            values[name] = _tracked(value, reads, f"{prefix}{name}.")
+    return cls(**values)
+
+
+def test_every_training_flag_is_read_by_the_engine(shard_dir: Path, tmp_path: Path) -> None:
+    """A flag that the trainer never reads does nothing (as --color_jitter once did): one short run with
+    validation and TensorBoard reads every field of TrainConfig."""
+    reads: set[str] = set()
+    cfg = _tracked(make_cfg(shard_dir, tmp_path, "--num_iters", "1", "--val_eval_freq", "1", "--writer_path",
+                            str(tmp_path / "tb"), val=True), reads)
+    result = Trainer(cfg).fit()
+    assert result.step == 1
+    every = set()
+    for f in dataclasses.fields(TrainConfig):
+        sub = getattr(TrainConfig(), f.name)
+        every |= ({f"{f.name}.{g.name}" for g in dataclasses.fields(sub)} if dataclasses.is_dataclass(sub)
+                  else {f.name})
+    unread = every - reads
+    assert not unread, sorted(unread)
