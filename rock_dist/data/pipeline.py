@@ -258,12 +258,22 @@ def _choose(rng: random.Random, probs: list[float]) -> int:
     return len(probs) - 1
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the training process: a scheduler that signals the whole process
+    group must not kill them before the trainer has written its preemption checkpoint (engine.supervision). They
+    still exit when the training process does (DataLoader workers watch their parent)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _loader_kwargs(num_workers: int, persistent: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": num_workers,
                               "pin_memory": torch.cuda.is_available()}
     if num_workers > 0:
         # Each worker ships whole batches; 4 in flight per worker hides decode jitter without much memory.
-        kwargs.update(prefetch_factor=4, persistent_workers=persistent)
+        kwargs.update(prefetch_factor=4, persistent_workers=persistent, worker_init_fn=_ignore_stop_signals)
     return kwargs
 
 

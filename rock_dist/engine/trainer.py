@@ -523,7 +523,9 @@ class Trainer:
             micro, error = pending, None
             try:
                 micro = pending + [self._next_batch() for _ in range(cfg.gradient_accumulation_steps - len(pending))]
-            except (RockError, OSError, ValueError) as err:  # a corrupt shard, an unreadable file
+            except (RockError, OSError, ValueError, RuntimeError) as err:
+                # A corrupt shard, an unreadable file, a loader worker killed (RuntimeError from the DataLoader):
+                # agreed on below, so the other ranks stop with this message instead of waiting in a collective.
                 error = f"rank {self.rank}: {err}"
             if self._stop_agreed(error, len(micro)):
                 self._stop_for_preemption(console)
