@@ -271,14 +271,13 @@ def test_a_garbage_checkpoint_is_named_without_unsafe_advice(shard_dir: Path, tm
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_weights_that_do_not_fit_their_config_say_what_differs(tmp_path: Path) -> None:
-    from rock_dist.errors import DataError
-
+def test_weights_that_do_not_fit_their_config_say_what_differs(shard_dir: Path, tmp_path: Path) -> None:
     path = _weights(tmp_path / "w.pt", backbone="resnet34")  # resnet18 weights filed as resnet34
-    with pytest.raises(DataError) as caught:
-        ckpt.load_model(path)
-    message = str(caught.value)
-    assert "backbone resnet34" in message and "missing (e.g. backbone." in message
+    proc = _cli("evaluate", str(path), "--test_path", str(shard_dir / "test"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {path}: weights do not fit the stored model configuration (backbone "
+                                  "resnet34")
+    assert "missing (e.g. backbone." in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_detect_on_a_folder_without_a_readable_image_fails(tmp_path: Path) -> None:
