@@ -261,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run("render synthetic rooms", [sys.executable, "-m", "rock_dist.data.rooms", "--out", str(rooms),
                                         "--num_images", str(cfg.num_images), "--seed", str(cfg.seed),
                                         "--height", str(rh), "--width", str(rw), "--class_tint", str(cfg.class_tint),
-                                        "--train_fraction", str(cfg.train_fraction)])
+                                        "--train_fraction", str(cfg.train_fraction),
+                                        "--min_object_area", str(cfg.min_object_area),
+                                        "--camera_distance", str(cfg.camera_distance)])
         files = _official_files(rooms)
 
     shards = work / "shards"

@@ -27,11 +27,13 @@ class TrainingTier:
     max_iters: int  # past this the budget's headroom is not spent (the run just ends sooner)
 
 
-# Best first. Input size trades prior coverage for speed: at 240x320 68 % of the rooms' objects have a prior at IoU
-# >= 0.5, at 176x240 55 %, at 128x160 36 %. But from scratch, the number of images seen matters even more (rooms,
-# ResNet-18, test AP@.5 on an AVX2 CPU: 176x240 x 340 iterations of 8 → 2.7 %; 128x160 x 650 → 6.3 %; 240x320 x 650
-# on AMX → 18.1 %), so a tier is taken only when it affords about 4000 images (500 iterations of 8); a CPU that
-# cannot afford it at 176x240 trains more iterations at 128x160 (README, "How the defaults were chosen").
+# Best first. Input size trades prior coverage for speed: at 240x320 83 % of the quickstart rooms' objects have a
+# prior at IoU >= 0.5, at 176x240 74 %, at 128x160 60 % (rooms with every object boxed and the camera anywhere:
+# 66 %, 55 %, 37 %; hence the quickstart's --min_object_area and --camera_distance). But from scratch, the number of
+# images seen matters even more (those rooms, ResNet-18, test AP@.5 on an AVX2 CPU: 176x240 x 340 iterations of 8
+# → 2.7 %; 128x160 x 650 → 6.3 %; 240x320 x 650 on AMX → 18.1 %), so a tier is taken only when it affords about
+# 4000 images (500 iterations of 8); a CPU that cannot afford it at 176x240 trains more iterations at 128x160
+# (README, "How the defaults were chosen").
 TIERS: tuple[TrainingTier, ...] = (
     TrainingTier("240x320, batch 8", (240, 320), 8, min_iters=500, max_iters=1500),
     TrainingTier("176x240, batch 8", (176, 240), 8, min_iters=500, max_iters=1500),

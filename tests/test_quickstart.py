@@ -47,3 +47,29 @@ def test_defaults_render_tinted_rooms_and_size_the_run_to_a_budget() -> None:
     assert cfg.num_iters == 0 and cfg.image_size == (0, 0) and 0 < cfg.time_budget <= 600  # the README's 10 minutes
     with pytest.raises(SystemExit):
         parse_config(QuickstartConfig, ["--class_tint", "x"])
+
+
+def test_rooms_are_rendered_with_the_quickstart_difficulty_flags(monkeypatch, tmp_path) -> None:
+    # The rooms' difficulty flags reach the renderer's command line (and are valid flags of it).
+    commands: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(step: str, args, env=None) -> float:
+        commands.append(list(args))
+        raise Stop
+
+    monkeypatch.setattr(quickstart, "_run", record)
+    with pytest.raises(Stop):
+        quickstart.main(["--workdir", str(tmp_path), "--min_object_area", "0.05", "--camera_distance", "1.2"])
+    render = commands[0]
+    assert render[1:3] == ["-m", "rock_dist.data.rooms"]
+    assert render[render.index("--min_object_area") + 1] == "0.05"
+    assert render[render.index("--camera_distance") + 1] == "1.2"
+    cfg = parse_config(QuickstartConfig, [])
+    assert cfg.min_object_area > 0 and cfg.camera_distance > 0  # the easier rooms are the default
+    from rock_dist.config import RoomsConfig
+
+    rooms = parse_config(RoomsConfig, ["--out", "x", *render[render.index("--min_object_area"):]])
+    assert (rooms.min_object_area, rooms.camera_distance) == (0.05, 1.2)

@@ -257,6 +257,50 @@ def test_train_fraction_sets_the_split(tmp_path) -> None:
         make_rooms_dataset(tmp_path / "d", 4, seed=1, height=24, width=32, class_tint=1.5)
 
 
+def test_min_object_area_leaves_small_objects_without_a_box(tmp_path) -> None:
+    h, w, area = 48, 64, 0.04
+    paths = make_rooms_dataset(tmp_path / "a", 9, seed=2, height=h, width=w, min_object_area=area)
+    default = load_ground_truth(make_rooms_dataset(tmp_path / "b", 9, seed=2, height=h, width=w).ground_truth_path)
+    arrays = _read_arrays(paths.dataset_path)  # h5py layout: N x W x H
+    truth = load_ground_truth(paths.ground_truth_path)
+    kept = 0
+    for k, entry in truth.items():
+        labels, instances = arrays["labels"][k].T, arrays["instances"][k].T
+        for (x0, y0, x1, y1), cls in zip(entry["boxes"], entry["labels"]):
+            # The object's own pixels inside its box reach the threshold (a box alone could be a sparse sliver).
+            inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+            nyu = NYU_LABEL_IDS[CLASS_NAMES[cls - 1]]
+            counts = np.bincount(instances[inside][labels[inside] == nyu], minlength=2)[1:]
+            assert counts.max() >= area * h * w
+            kept += 1
+    small = [(x1 - x0 + 1) * (y1 - y0 + 1) < area * h * w for e in default.values() for x0, y0, x1, y1 in e["boxes"]]
+    assert kept > 0 and any(small)  # the default rooms have such small boxes; with the option none is left
+    with pytest.raises(ConfigError, match="min_object_area"):
+        make_rooms_dataset(tmp_path / "c", 4, seed=1, height=24, width=32, min_object_area=1.0)
+
+
+def test_camera_distance_brings_the_camera_near_the_object_it_films() -> None:
+    intr = Intrinsics.nyu(H, W)
+
+    def nearest(max_distance: float) -> list[float]:
+        rng = np.random.default_rng(5)
+        gaps = []
+        for scene_type in ROOM_SCENE_TYPES:
+            room = build_room(scene_type, rng)
+            centres = np.array([o.position[:2] for o in room.objects if o.is_class])
+            for _ in range(6):
+                cam = sample_camera(room, rng, intr, max_distance=max_distance)
+                gaps.append(float(np.min(np.linalg.norm(centres - cam.position[:2], axis=1))))
+        return gaps
+
+    near, anywhere = np.array(nearest(1.8)), np.array(nearest(0.0))
+    # Within reach of a piece of furniture whenever a free spot exists there (else the room's camera zone).
+    assert np.mean(near <= 1.8 + 1e-9) > 0.8
+    assert np.median(near) < np.median(anywhere)
+    with pytest.raises(ConfigError, match="camera_distance"):
+        make_rooms_dataset("unused", 4, seed=1, height=24, width=32, camera_distance=-1.0)
+
+
 def test_official_layout_reads_back(tmp_path) -> None:
     n = 21
     paths = make_rooms_dataset(tmp_path, n, seed=4, height=48, width=64)

@@ -422,14 +422,16 @@ def _part_indices(room: Room) -> list[tuple[int, int]]:
 
 
 def render_scene_views(room: Room, num_views: int, intrinsics: Intrinsics, rng: np.random.Generator, *,
-                       min_object_pixels: int | None = None, tries: int = 8) -> list[RenderedView]:
+                       min_object_pixels: int | None = None, tries: int = 8,
+                       camera_distance: float = 0.0) -> list[RenderedView]:
     """`num_views` views of one room (one NYU scene instance), each showing at least one detection target when
-    the room allows it within `tries` camera draws, and not blocked by something right in front of the lens."""
+    the room allows it within `tries` camera draws, and not blocked by something right in front of the lens.
+    `camera_distance` > 0: the camera stands within that many metres of the object it films (`sample_camera`)."""
     views: list[RenderedView] = []
     for _ in range(num_views):
         best: RenderedView | None = None
         for attempt in range(tries):
-            camera = sample_camera(room, rng, intrinsics)
+            camera = sample_camera(room, rng, intrinsics, max_distance=camera_distance)
             view = render_view(room, camera, rng, min_object_pixels=min_object_pixels)
             too_close = float(np.mean(view.depth < 0.6))
             if best is None or (len(view.boxes) > len(best.boxes) and too_close < 0.2):
@@ -479,7 +481,9 @@ def _split_scenes(scene_types: list[str], rng: np.random.Generator, train_fracti
 def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, height: int = 480, width: int = 640, *,
                        scene_types: Sequence[str] = ROOM_SCENE_TYPES, images_per_scene: int = 3,
                        train_fraction: float = 0.55, val_fraction: float = 0.15,
-                       min_object_pixels: int | None = None, normals_as_tgz: bool = False, class_tint: float = 0.0,
+                       min_object_pixels: int | None = None, min_object_area: float = 0.0,
+                       camera_distance: float = 0.0,
+                       normals_as_tgz: bool = False, class_tint: float = 0.0,
                        progress: Callable[[int, int], None] | None = None) -> OfficialPaths:
     """Render `n` synthetic room images and write them in the official NYUv2 layout under `out_dir`.
 
@@ -487,8 +491,10 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     `scene_types`; train/test are split by scene instance (about `train_fraction` train, like NYU's 795/654) and
     `val_fraction` of the training scenes are listed in val_split.txt (NYU's 122 of 795). Everything depends only
     on `seed` (and the arguments). `class_tint` blends each class toward its own colour (`rooms_scenes.tint_objects`;
-    the layouts and views do not change with it). Also writes `ground_truth.json` (boxes, labels, scene, split per
-    image).
+    the layouts and views do not change with it). `min_object_area` (a fraction of the image; 0: the default) or
+    `min_object_pixels` sets the smallest visible object that gets a box (`default_min_object_pixels`);
+    `camera_distance` > 0 keeps the camera within that many metres of the object it films (0: anywhere).
+    Also writes `ground_truth.json` (boxes, labels, scene, split per image).
     `progress(done, n)` is called after each image.
     """
     if n < 2:
@@ -501,6 +507,12 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
         raise ConfigError(f"--train_fraction {train_fraction}: must be between 0 and 1 (exclusive)")
     if not 0.0 <= class_tint <= 1.0:
         raise ConfigError(f"--class_tint {class_tint}: must be between 0 and 1")
+    if not 0.0 <= min_object_area < 1.0:
+        raise ConfigError(f"--min_object_area {min_object_area}: must be a fraction of the image in [0, 1)")
+    if camera_distance < 0:
+        raise ConfigError(f"--camera_distance {camera_distance}: must be 0 (anywhere) or a distance in metres")
+    if min_object_area > 0:
+        min_object_pixels = max(default_min_object_pixels(height, width), round(min_object_area * height * width))
     unknown = [t for t in scene_types if t not in SCENE_CLASSES]
     if unknown or not scene_types:
         raise ConfigError(f"scene types {unknown or '(none)'}: choose from {', '.join(ROOM_SCENE_TYPES)}")
@@ -526,7 +538,8 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
         # Each scene instance has its own stream, so a room looks the same whatever else is generated.
         rng = np.random.default_rng([seed, k, 0x200])
         room = build_room(t, rng, class_tint=class_tint)
-        for view in render_scene_views(room, count, intr, rng, min_object_pixels=min_object_pixels):
+        for view in render_scene_views(room, count, intr, rng, min_object_pixels=min_object_pixels,
+                                       camera_distance=camera_distance):
             images[i], depths[i], raw_depths[i] = view.image, view.depth, view.raw_depth
             labels[i], instances[i] = view.labels, view.instances
             normals[i], masks[i] = view.normals, view.normal_mask
@@ -567,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = make_rooms_dataset(cfg.out, cfg.num_images, cfg.seed, cfg.height, cfg.width,
                                scene_types=tuple(cfg.scene_types) or ROOM_SCENE_TYPES,
                                images_per_scene=cfg.images_per_scene, train_fraction=cfg.train_fraction,
-                               normals_as_tgz=cfg.normals_as_tgz, class_tint=cfg.class_tint, progress=progress)
+                               min_object_area=cfg.min_object_area, camera_distance=cfg.camera_distance,
+                               normals_as_tgz=cfg.normals_as_tgz,
+                               class_tint=cfg.class_tint, progress=progress)
     # One `flag value` line per file: the arguments of `python -m rock_dist.shards build`.
     print(f"dataset_path {paths.dataset_path}")
     print(f"splits_path {paths.splits_path}")

@@ -810,12 +810,21 @@ def build_room(scene_type: str, rng: np.random.Generator, *, class_tint: float =
                 light=light, ambient=_u(rng, 0.35, 0.5), camera_zone=zone)
 
 
-def sample_camera(room: Room, rng: np.random.Generator, intrinsics: Intrinsics) -> Camera:
-    """A hand-held Kinect pose: standing height, looking slightly down at the furniture from a free spot."""
+def sample_camera(room: Room, rng: np.random.Generator, intrinsics: Intrinsics, *,
+                  max_distance: float = 0.0) -> Camera:
+    """A hand-held Kinect pose: standing height, looking slightly down at the furniture from a free spot.
+
+    `max_distance` > 0 (metres): pick the piece of furniture to film first and stand within that horizontal
+    distance of its centre when a free spot is there, so it fills more of the picture (0: anywhere in the room,
+    the default; its random draws are unchanged by this option)."""
     size = room.size
     # Keep the camera 0.45 m clear of everything seen from above (wall cabinets hang at head height).
     floor_boxes = [o.aabb() for o in room.objects]
     position: np.ndarray | None = None
+    targets = [o for o in room.objects if o.is_class]
+    if max_distance > 0 and targets:
+        return _camera_near(room, rng, intrinsics, targets[int(rng.integers(len(targets)))], max_distance,
+                            floor_boxes)
     for _ in range(60):
         xy = rng.uniform([0.35, 0.35], size[:2] - 0.35)
         if all(np.any(xy < b[0, :2] - 0.45) or np.any(xy > b[1, :2] + 0.45) for b in floor_boxes):
@@ -827,12 +836,40 @@ def sample_camera(room: Room, rng: np.random.Generator, intrinsics: Intrinsics) 
         position = np.array([xy[0], xy[1], 0.0])
     position[2] = _u(rng, 1.05, min(1.75, size[2] - 0.3))
     # Aim at a piece of furniture most of the time (what a person filming a room does), else at the room's middle.
-    targets = [o for o in room.objects if o.is_class]
     if targets and rng.random() < 0.8:
         t = targets[int(rng.integers(len(targets)))]
         target = t.position + np.array([0.0, 0.0, t.height / 2])
     else:
         target = np.array([size[0] / 2, size[1] / 2, 0.8])
+    return _aim(position, target, rng, intrinsics)
+
+
+def _camera_near(room: Room, rng: np.random.Generator, intrinsics: Intrinsics, obj: SceneObject,
+                 max_distance: float, floor_boxes: list[np.ndarray]) -> Camera:
+    """A pose within `max_distance` (horizontally) of `obj`'s centre, clear of the furniture, aimed at `obj`;
+    where no such spot is free, the room's camera zone (aimed at `obj` all the same)."""
+    size = room.size
+    centre = obj.position[:2]
+    position: np.ndarray | None = None
+    for _ in range(60):
+        radius = _u(rng, 0.6, max(max_distance, 0.7))
+        angle = _u(rng, -math.pi, math.pi)
+        xy = centre + radius * np.array([math.cos(angle), math.sin(angle)])
+        if np.any(xy < 0.35) or np.any(xy > size[:2] - 0.35):
+            continue
+        if all(np.any(xy < b[0, :2] - 0.45) or np.any(xy > b[1, :2] + 0.45) for b in floor_boxes):
+            position = np.array([xy[0], xy[1], 0.0])
+            break
+    if position is None:
+        zone = room.camera_zone
+        xy = rng.uniform(zone[0] + 0.1, zone[1] - 0.1)
+        position = np.array([xy[0], xy[1], 0.0])
+    position[2] = _u(rng, 1.05, min(1.75, size[2] - 0.3))
+    return _aim(position, obj.position + np.array([0.0, 0.0, obj.height / 2]), rng, intrinsics)
+
+
+def _aim(position: np.ndarray, target: np.ndarray, rng: np.random.Generator, intrinsics: Intrinsics) -> Camera:
+    """The camera at `position` looking at `target`, with a hand-held jitter of yaw, pitch and roll."""
     delta = target - position
     yaw = math.atan2(delta[1], delta[0]) + rng.normal(0, 0.2)
     dist = max(float(np.hypot(delta[0], delta[1])), 0.5)
