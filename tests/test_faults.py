@@ -100,7 +100,10 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # in-process tra
 def test_second_run_refused_then_sigterm_checkpoint_resumes_exactly(shard_dir: Path, tmp_path: Path) -> None:
     train = ["--train_path", str(shard_dir / "train"), *SMALL, "--train_eval_freq", "1"]
     save = tmp_path / "run"
-    first = _Run([*train, "--num_iters", "400", "--model_save_freq", "0", "--save_path", str(save)])
+    # With loader worker processes and validation workers: they must neither die before the checkpoint nor keep
+    # the ranks from exiting afterwards.
+    first = _Run([*train, "--num_iters", "400", "--model_save_freq", "0", "--save_path", str(save),
+                  "--num_workers", "1"])
     first.wait_for("step 2/400")
     owner = json.loads((save / LOCK_NAME).read_text())
     # A second run on the same directory: refused at once, naming the owner; the first run goes on.

@@ -259,13 +259,13 @@ def _choose(rng: random.Random, probs: list[float]) -> int:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the training process: a scheduler that signals the whole process
-    group must not kill them before the trainer has written its preemption checkpoint (engine.supervision). They
-    still exit when the training process does (DataLoader workers watch their parent)."""
+    """Loader workers leave SIGUSR1 (a preemption notice, engine.supervision) to the training process: a
+    scheduler that signals the whole process group must not kill them before the trainer's checkpoint. SIGTERM
+    keeps its default: DataLoader and multiprocessing stop workers with it at shutdown, and a worker ignoring it
+    would hang the exit; a worker killed by a group-wide SIGTERM is handled by the trainer (engine.trainer)."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _loader_kwargs(num_workers: int, persistent: bool) -> dict[str, Any]:

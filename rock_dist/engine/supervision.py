@@ -41,6 +41,11 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is None:
             self.signal = signum
+            # A scheduler often signals the whole process group, so the loader workers die too. PyTorch's SIGCHLD
+            # handler would raise that as an error at whatever line the trainer is on (mid-backward, out of step
+            # with the other ranks); with the default handler the loss of the workers shows at the next fetch,
+            # where the trainer expects it, and the stop agreed at that step boundary still writes the checkpoint.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             print(f"rock_dist: received {signal.Signals(signum).name}: stopping at the next step boundary with a "
                   "checkpoint", file=sys.stderr, flush=True)
 

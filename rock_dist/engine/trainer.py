@@ -521,13 +521,14 @@ class Trainer:
         smooth_dt: float | None = None
         while st.step < cfg.num_iters:
             micro, error = pending, None
+            position_at_step = st.samples_seen - len(pending) * cfg.data.batch_size * self.world_size
             try:
                 micro = pending + [self._next_batch() for _ in range(cfg.gradient_accumulation_steps - len(pending))]
             except (RockError, OSError, ValueError, RuntimeError) as err:
                 # A corrupt shard, an unreadable file, a loader worker killed (RuntimeError from the DataLoader):
                 # agreed on below, so the other ranks stop with this message instead of waiting in a collective.
                 error = f"rank {self.rank}: {err}"
-            if self._stop_agreed(error, len(micro)):
+            if self._stop_agreed(error, position_at_step):
                 self._stop_for_preemption(console)
             pending = []
             values = self.train_step(micro, step=st.step + 1)
@@ -605,12 +606,13 @@ class Trainer:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise DataError(f"--check_data: the training data has {len(problems)} problem(s): {shown}")
 
-    def _stop_agreed(self, data_error: str | None, fetched: int) -> bool:
-        """Agree across ranks, before the step's first collective, on data errors (raised on every rank with every
-        failing rank's message) and on a stop request (True on every rank if any rank got a stop signal).
+    def _stop_agreed(self, data_error: str | None, position_at_step: int) -> bool:
+        """Agree across ranks, before the step's first collective, on a stop request (True on every rank if any
+        rank got a stop signal) and on data errors (raised on every rank with every failing rank's message).
 
-        `fetched`: micro-batches taken for this step; a stop gives them back (the data position is rewound), so
-        the checkpoint resumes with exactly these batches."""
+        `position_at_step`: the data position before this step's micro-batches; a stop gives them back (it is
+        rewound), so the checkpoint resumes with exactly these batches. A stop wins over a data error: a signal
+        sent to the whole process group also kills the loader workers, and the checkpoint is still exact."""
         stop = self.stop_request is not None and self.stop_request.requested
         if self.world_size > 1:
             flags = torch.zeros(2 * self.world_size, device=self.device)
@@ -619,13 +621,13 @@ class Trainer:
             reduced = all_reduce_sum(flags).tolist()
             failing = any(reduced[:self.world_size])
             stop = any(reduced[self.world_size:])
-            if failing:
+            if failing and not stop:
                 messages = [m for m in gather_objects(data_error) if m]
                 raise DataError(f"training data failed at iteration {self.state.step + 1}: " + "; ".join(messages))
-        elif data_error is not None:
+        elif data_error is not None and not stop:
             raise DataError(f"training data failed at iteration {self.state.step + 1}: {data_error}")
         if stop:
-            self.state.samples_seen -= fetched * self.cfg.data.batch_size * self.world_size
+            self.state.samples_seen = position_at_step
         return stop
 
     def _stop_for_preemption(self, console: TrainConsole) -> None:
