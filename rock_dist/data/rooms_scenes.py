@@ -827,14 +827,10 @@ def sample_camera(room: Room, rng: np.random.Generator, intrinsics: Intrinsics, 
                             floor_boxes)
     for _ in range(60):
         xy = rng.uniform([0.35, 0.35], size[:2] - 0.35)
-        if all(np.any(xy < b[0, :2] - 0.45) or np.any(xy > b[1, :2] + 0.45) for b in floor_boxes):
+        if _clear_of(xy, floor_boxes):
             position = np.array([xy[0], xy[1], 0.0])
             break
-    if position is None:
-        zone = room.camera_zone
-        xy = rng.uniform(zone[0] + 0.1, zone[1] - 0.1)
-        position = np.array([xy[0], xy[1], 0.0])
-    position[2] = _u(rng, 1.05, min(1.75, size[2] - 0.3))
+    position = _hand_held(position, room, rng)
     # Aim at a piece of furniture most of the time (what a person filming a room does), else at the room's middle.
     if targets and rng.random() < 0.8:
         t = targets[int(rng.integers(len(targets)))]
@@ -857,15 +853,26 @@ def _camera_near(room: Room, rng: np.random.Generator, intrinsics: Intrinsics, o
         xy = centre + radius * np.array([math.cos(angle), math.sin(angle)])
         if np.any(xy < 0.35) or np.any(xy > size[:2] - 0.35):
             continue
-        if all(np.any(xy < b[0, :2] - 0.45) or np.any(xy > b[1, :2] + 0.45) for b in floor_boxes):
+        if _clear_of(xy, floor_boxes):
             position = np.array([xy[0], xy[1], 0.0])
             break
+    position = _hand_held(position, room, rng)
+    return _aim(position, obj.position + np.array([0.0, 0.0, obj.height / 2]), rng, intrinsics)
+
+
+def _clear_of(xy: np.ndarray, floor_boxes: list[np.ndarray]) -> bool:
+    """Whether a floor spot keeps 0.45 m from every piece of furniture's footprint."""
+    return all(np.any(xy < b[0, :2] - 0.45) or np.any(xy > b[1, :2] + 0.45) for b in floor_boxes)
+
+
+def _hand_held(position: np.ndarray | None, room: Room, rng: np.random.Generator) -> np.ndarray:
+    """The floor spot found (or, when none was free, one in the room's camera zone) at a hand-held height."""
     if position is None:
         zone = room.camera_zone
         xy = rng.uniform(zone[0] + 0.1, zone[1] - 0.1)
         position = np.array([xy[0], xy[1], 0.0])
-    position[2] = _u(rng, 1.05, min(1.75, size[2] - 0.3))
-    return _aim(position, obj.position + np.array([0.0, 0.0, obj.height / 2]), rng, intrinsics)
+    position[2] = _u(rng, 1.05, min(1.75, room.size[2] - 0.3))
+    return position
 
 
 def _aim(position: np.ndarray, target: np.ndarray, rng: np.random.Generator, intrinsics: Intrinsics) -> Camera:
