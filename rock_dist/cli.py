@@ -32,7 +32,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         status = main(argv)
     except RockError as err:
-        print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+        # One write call: ranks of one job share the launcher's stderr, and print() would write the message and
+        # its newline separately, letting another rank's line land in between.
+        sys.stderr.write(f"{err.prefix}: {err}\n")
+        sys.stderr.flush()
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
