@@ -103,10 +103,6 @@ class EpochPlan:
         epoch, i = divmod(t, self.sizes[s])
         return s, int(self.permutation(s, epoch)[i]), stable_seed("augment", self.seed, p)
 
-    def source_epoch(self, p: int) -> float:
-        """Epochs of the whole data (all sources together) that `p` positions amount to."""
-        return p / float(sum(self.sizes))
-
 
 def rank_position(start: int, q: int, rank: int, world_size: int) -> int:
     """Global position of rank `rank`'s q-th sample of a stream that starts at global position `start`."""
@@ -118,7 +114,6 @@ class ShardMap:
 
     def __init__(self, counts: Sequence[int]) -> None:
         self.starts = list(np.cumsum([0, *counts[:-1]]))
-        self.total = int(sum(counts))
 
     def __call__(self, index: int) -> tuple[int, int]:
         k = bisect.bisect_right(self.starts, index) - 1

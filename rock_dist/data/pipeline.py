@@ -125,17 +125,25 @@ class _IndexedPlan:
     start_sample: int  # global stream position of this stream's first sample
     transform: TrainTransform
 
-    def epoch_plan(self) -> EpochPlan:
-        return EpochPlan([sum(len(ix.keys) for ix in src) for src in self.indexes], self.probs, self.seed)
 
 
-def _planned_samples(plan: _IndexedPlan, epoch_plan: EpochPlan, maps: list[ShardMap],
-                     first: int, count: int) -> Iterator[tuple[int, int, int, int]]:
-    """(source, shard number, index in shard, augmentation seed) of this rank's samples first .. first + count - 1."""
-    for q in range(first, first + count):
-        s, i, aug = epoch_plan.locate(rank_position(plan.start_sample, q, plan.rank, plan.world_size))
-        k, local = maps[s](i)
-        yield s, k, local, aug
+class _SampleLocator:
+    """This rank's q-th sample -> (source, shard number, index in the shard, augmentation seed), keeping the epoch
+    plan's caches (permutations, mixing blocks) across calls."""
+
+    def __init__(self, plan: _IndexedPlan) -> None:
+        self.plan = plan
+        counts = [[len(ix.keys) for ix in src] for src in plan.indexes]
+        self.epochs = EpochPlan([sum(c) for c in counts], plan.probs, plan.seed)
+        self.maps = [ShardMap(c) for c in counts]
+
+    def __call__(self, first: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+        """The samples first .. first + count - 1 of this rank."""
+        plan = self.plan
+        for q in range(first, first + count):
+            s, i, aug = self.epochs.locate(rank_position(plan.start_sample, q, plan.rank, plan.world_size))
+            k, local = self.maps[s](i)
+            yield s, k, local, aug
 
 
 class _IndexedDataset(IterableDataset):
@@ -146,15 +154,13 @@ class _IndexedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         plan = self.plan
         worker, nw = _worker_id(plan.num_workers)
-        epoch_plan = plan.epoch_plan()
-        maps = [ShardMap([len(ix.keys) for ix in src]) for src in plan.indexes]
+        locate = _SampleLocator(plan)
         reader = ShardReader()
         try:
             j = worker  # the DataLoader asks workers round-robin: batch j of the rank comes from worker j mod W
             while True:
                 batch = []
-                for s, k, local, aug in _planned_samples(plan, epoch_plan, maps, j * plan.batch_size,
-                                                         plan.batch_size):
+                for s, k, local, aug in locate(j * plan.batch_size, plan.batch_size):
                     index = plan.indexes[s][k]
                     raw = reader.read(plan.urls[s][k], index.keys[local], index.spans[local], index.crcs[local])
                     sample = decode_sample(raw, where=f"{plan.urls[s][k]}:{index.keys[local]}")
@@ -378,9 +384,7 @@ class TrainStream:
         if self.mode != "indexed":
             raise ConfigError("planned_keys needs the indexed data mode (stream mode decides while reading)")
         plan = self._indexed_plan()
-        maps = [ShardMap([len(ix.keys) for ix in src]) for src in plan.indexes]
-        return [plan.indexes[s][k].keys[local]
-                for s, k, local, _ in _planned_samples(plan, plan.epoch_plan(), maps, first, count)]
+        return [plan.indexes[s][k].keys[local] for s, k, local, _ in _SampleLocator(plan)(first, count)]
 
     # -- iteration -----------------------------------------------------------------------------------------------
     def _make_loader(self) -> DataLoader:

@@ -3,9 +3,9 @@
 Written by the shard builder (`rock_dist.shards build`, next to `manifest.json` as `index.json`), checked by
 `shards verify`, and read by the indexed training loader (`rock_dist.data.pipeline`) so that an epoch can be any
 permutation of the split's samples (docs/data_pipeline.md). A shard directory built before the index existed is
-indexed on first use: scanning a tar's headers is cheap (tarfile seeks over the member data), the result is saved
-beside the manifest when that directory is writable, otherwise in `$ROCK_DIST_CACHE_DIR/shard_index/`, and a message
-says where. Nothing else in the shard directory is touched.
+indexed on first use (a header scan plus one sequential read for the checksums); the result is saved beside the
+manifest when that directory is writable, otherwise in `$ROCK_DIST_CACHE_DIR/shard_index/`, and a message says
+where. Nothing else in the shard directory is touched.
 
 One sample's members are consecutive in the tar (that is how WebDataset groups them), so a sample is one byte span
 [start, end) from its first member's header to the end of its last member's padded data. The index also records
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Sequence
 
-from rock_dist.data.sources import Shard, sample_key, sample_member
+from rock_dist.data.sources import Shard, sample_member
 from rock_dist.errors import DataError
 from rock_dist.fsutil import atomic_write_json
 
@@ -197,8 +197,8 @@ def read_span(handle: IO[bytes], shard_url: str, key: str, span: tuple[int, int]
         except tarfile.HeaderError as err:
             raise DataError(f"shard {shard_url}: bad tar header at byte {start + pos} ({err}); the file changed "
                             "since it was indexed or is corrupt — rebuild it") from err
-        parts = sample_key(info.name)
-        if parts is None or parts[0] != key or not info.isreg():
+        parts = sample_member(info)
+        if parts is None or parts[0] != key:
             raise DataError(f"shard {shard_url}: expected a member of sample {key!r} at byte {start + pos}, found "
                             f"{info.name!r}; the index does not match the file — delete {INDEX_NAME} to rebuild it")
         body = pos + _BLOCK

@@ -16,8 +16,10 @@ Called by `rock_dist.engine.trainer` (saving, resuming) and by `evaluate` / `det
 
 from __future__ import annotations
 
+import errno
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -235,9 +237,6 @@ def save_with_space_check(path: Path, obj: Any) -> None:
     """`atomic_torch_save` that first checks the free space of the target's file system (the new file is complete
     before any older one is removed, so a whole file's worth must be free) and turns a failed write into one
     CheckpointError naming the directory; what was saved before stays intact either way."""
-    import errno
-    import shutil
-
     path.parent.mkdir(parents=True, exist_ok=True)
     needed = int(_tensor_bytes(obj) * _SPACE_MARGIN) + (1 << 20)
     free = shutil.disk_usage(path.parent).free

@@ -112,6 +112,13 @@ def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
     return first[1], first[2]
 
 
+def _raise_every_rank(error: str | None, what: str) -> None:
+    """Raise on every rank, once all know some rank failed, one DataError carrying every failing rank's message
+    (collective: every rank calls it, `error` None on the ranks that did not fail)."""
+    messages = [m for m in gather_objects(error) if m]
+    raise DataError(f"{what}: " + "; ".join(messages))
+
+
 def run_output(value: str, save_path: str, name: str) -> str:
     """An output directory flag: 'auto' means `save_path/name` (each run's logs live with its checkpoints, so two
     runs never share them), '' disables, anything else is used as given."""
@@ -357,9 +364,7 @@ class Trainer:
         except (RockError, StopIteration, OSError, ValueError) as err:
             error = f"rank {self.rank}: {err}"
         if any_rank(error is not None, self.device):
-            messages = [m for m in gather_objects(error) if m]
-            raise DataError("the training data failed on some process before training started: "
-                            + "; ".join(messages))
+            _raise_every_rank(error, "the training data failed on some process before training started")
         assert first is not None
         return first
 
@@ -441,7 +446,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        acc = self.accelerator
         st = self.state
         result = TrainResult(step=st.step, best_metric=st.best_metric)
         record_ids: list[list[int]] = []
@@ -592,19 +596,19 @@ class Trainer:
         from rock_dist.data.sources import load_sources
         from rock_dist.shards import verify_split
 
-        problems: list[str] = []
-        if self.is_main:
+        def check() -> None:
             started = time.perf_counter()
             splits = sorted({src.manifest for src in load_sources(self.cfg.data.train_path)
                              if src.manifest and src.manifest != "remote"})
-            for manifest_path in splits:
-                problems += verify_split(load_manifest(manifest_path), decode=False)
+            problems = [p for manifest_path in splits for p in verify_split(load_manifest(manifest_path),
+                                                                            decode=False)]
             console.always(f"--check_data: {len(splits)} split(s) checked in {time.perf_counter() - started:.1f}s, "
                            f"{len(problems)} problem(s)")
-        problems = broadcast_object(problems)
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise DataError(f"--check_data: the training data has {len(problems)} problem(s): {shown}")
+            if problems:
+                shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+                raise DataError(f"--check_data: the training data has {len(problems)} problem(s): {shown}")
+
+        self._on_main(check, DataError)
 
     def _stop_agreed(self, data_error: str | None, position_at_step: int) -> bool:
         """Agree across ranks, before the step's first collective, on a stop request (True on every rank if any
@@ -614,18 +618,16 @@ class Trainer:
         rewound), so the checkpoint resumes with exactly these batches. A stop wins over a data error: a signal
         sent to the whole process group also kills the loader workers, and the checkpoint is still exact."""
         stop = self.stop_request is not None and self.stop_request.requested
+        failing = data_error is not None
         if self.world_size > 1:
             flags = torch.zeros(2 * self.world_size, device=self.device)
-            flags[self.rank] = float(data_error is not None)
+            flags[self.rank] = float(failing)
             flags[self.world_size + self.rank] = float(stop)
             reduced = all_reduce_sum(flags).tolist()
             failing = any(reduced[:self.world_size])
             stop = any(reduced[self.world_size:])
-            if failing and not stop:
-                messages = [m for m in gather_objects(data_error) if m]
-                raise DataError(f"training data failed at iteration {self.state.step + 1}: " + "; ".join(messages))
-        elif data_error is not None and not stop:
-            raise DataError(f"training data failed at iteration {self.state.step + 1}: {data_error}")
+        if failing and not stop:
+            _raise_every_rank(data_error, f"training data failed at iteration {self.state.step + 1}")
         if stop:
             self.state.samples_seen = position_at_step
         return stop

@@ -35,6 +35,7 @@ if __name__ == "__main__":  # answer --help before the heavy imports below
 
     answer_help_early("DataBenchConfig")
 
+import itertools
 import json
 import os
 import pickle
@@ -391,12 +392,22 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
                                                 loader_workers)
             if scaling:
                 torch.set_num_threads(threads)
-                more = [raw for src in sources for sh in src.shards for raw in iter_shard(sh)][:128]
+                # Read only as many samples as the copies hold, not the whole split.
+                more = list(itertools.islice((raw for src in sources for sh in src.shards for raw in iter_shard(sh)),
+                                             128))
                 result["scaling"] = run_scaling(more, tmp_path, image_size=image_size, target=target,
                                                 batch_size=batch_size, seed=seed, num_samples=num_samples)
     finally:
         torch.set_num_threads(threads)
     return result
+
+
+def _text_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart, the first row as the header with a rule under it."""
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    return lines
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -415,9 +426,7 @@ def format_table(result: dict[str, Any]) -> str:
     if "loader" in result:
         ld = result["loader"]
         rows.append((f"rock_dist DataLoader, {ld['workers']} workers (total)", f"{ld['samples_per_s']:.1f}", "-"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in width))
+    lines = _text_table(rows)
     npy = (f", {result['speedup_per_core_npy']:.2f}x from npy aux members"
            if "speedup_per_core_npy" in result else "")
     lines.append(f"speed-up per core: {result['speedup_per_core']:.2f}x with the jitter on the device, "
@@ -443,9 +452,7 @@ def format_scaling(rows: list[dict[str, Any]], cpus: int | None) -> str:
         cells = {r["workers"]: r for r in rows if r["shards"] == shards}
         body.append([str(shards)] + [f"{cells[w]['samples_per_s']:.0f} ({cells[w]['samples_per_s_per_worker']:.0f})"
                                      if w in cells else "-" for w in workers])
-    width = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)) for r in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in width))
+    lines = _text_table([head, *body])
     lines.append(f"one rank's DataLoader, samples/s (per worker) by shard count and worker processes; {cpus} CPU(s) "
                  "here: rows with more workers than CPUs share the cores")
     return "\n".join(lines)
