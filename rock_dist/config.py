@@ -189,6 +189,9 @@ class DetectConfig:
     depth_output_path: str = opt("Directory for colour-mapped depth pictures (empty: none).", "")
     normals_output_path: str = opt("Directory for RGB-coded normals pictures (empty: none).", "")
     conf_threshold: float = opt("Score threshold for drawn detections.", 0.4)
+    picture_min_side: int = opt("Pictures of smaller images are enlarged by a whole factor until their shorter side "
+                                "reaches this many pixels, so that the tags stay off the objects (0: never; the "
+                                "boxes in the JSON keep the original image's coordinates).", 480)
     no_rock: bool = opt("Expect a baseline SSD checkpoint (checked against the file).", False)
     aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
         "Auxiliary tasks of the checkpoint (checked against the file).", AUX_TASKS)

@@ -224,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, (im, det) in enumerate(zip(loaded, results)):
             stem = stems[im.path]
             boxes, scores, labels = det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu()
-            _save_png(draw_detections(im.original, boxes, labels, scores, class_names), out_dir / f"{stem}.png")
+            _save_png(draw_detections(im.original, boxes, labels, scores, class_names,
+                                      min_side=cfg.picture_min_side), out_dir / f"{stem}.png")
             entry: dict[str, Any] = {
                 "height": int(im.original.shape[1]), "width": int(im.original.shape[2]),
                 "boxes": [[round(v, 2) for v in box] for box in boxes.tolist()],

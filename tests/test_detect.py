@@ -51,17 +51,19 @@ def test_detect_writes_pictures_and_skips_a_corrupt_file(weights: Path, tmp_path
     assert main([str(weights), "--image_path", str(images), "--detection_output_path", str(out),
                  "--scene_output_path", str(tmp_path / "scene"), "--depth_output_path", str(tmp_path / "depth"),
                  "--normals_output_path", str(tmp_path / "normals"), "--device", "cpu", "--conf_threshold", "0.3",
-                 "--batch_size", "2", "--get_throughput"]) == 0
+                 "--batch_size", "2", "--get_throughput", "--picture_min_side", "100"]) == 0
     captured = capsys.readouterr()
     assert "skipping" in captured.err and "broken.jpg" in captured.err  # reports of bad input go to stderr
     assert "images/s" in captured.out
     summary = json.loads((out / DETECTIONS_JSON).read_text())
     assert summary["skipped"] == ["broken.jpg"]
     assert sorted(summary["images"]) == ["a.jpg", "b.png"]
-    for name, stem, (h, w) in (("a.jpg", "a", (64, 80)), ("b.png", "b", (50, 90))):
+    for name, stem, (h, w), factor in (("a.jpg", "a", (64, 80), 2), ("b.png", "b", (50, 90), 2)):
         for folder in (out, tmp_path / "scene", tmp_path / "depth", tmp_path / "normals"):
             with Image.open(folder / f"{stem}.png") as picture:
-                assert picture.size == (w, h), folder  # pictures at the original image size
+                # Box pictures enlarged to a shorter side >= 100 by a whole factor; the rest at the original size.
+                scale = factor if folder == out else 1
+                assert picture.size == (w * scale, h * scale), folder
         entry = summary["images"][name]
         assert (entry["height"], entry["width"]) == (h, w)
         assert entry["scene"]["name"] in SCENE_TYPES
@@ -114,6 +116,13 @@ def test_pictures_are_cpu_uint8_and_do_not_touch_the_input() -> None:
     assert drawn.dtype == torch.uint8 and drawn.shape == (3, 64, 80) and drawn.device.type == "cpu"
     assert torch.equal(image, before) and not torch.equal(drawn, image)
     assert (drawn[:, 6, 20] != 100).any()  # the top edge of the first box is drawn
+    # Small images are enlarged by a whole factor (ceil(200 / 64) = 4) and the boxes move with them.
+    large = draw_detections(image, torch.tensor([[5.0, 6.0, 40.0, 50.0]]), torch.tensor([5]), torch.tensor([0.9]),
+                            CLASS_NAMES, min_side=200)
+    assert large.shape == (3, 256, 320)
+    assert (large[:, 24, 100] != 100).any() and (large[:, 240, 300] == 100).all()
+    assert torch.equal(draw_detections(image, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), CLASS_NAMES,
+                                       min_side=64), image)
     depth = colorize_depth(torch.linspace(0.5, 8.0, 40).repeat(30, 1))
     assert depth.shape == (3, 30, 40) and depth.dtype == torch.uint8
     assert depth[:, 0, 0].float().sum() > depth[:, 0, -1].float().sum()  # near is brighter than far

@@ -89,15 +89,22 @@ def _text_on_box(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, 
 
 
 def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-                    class_names: Sequence[str], *, line_width: int | None = None) -> torch.Tensor:
+                    class_names: Sequence[str], *, line_width: int | None = None, min_side: int = 0) -> torch.Tensor:
     """Draw boxes with "class score" tags on a copy of `image`.
 
     image: 3 x H x W uint8 (or float in [0, 1]); boxes: K x 4 pixel xyxy in that image's coordinates;
     labels: K ints 1..len(class_names) (0 = background is never drawn); scores: K floats. Any device.
-    Returns a CPU uint8 3 x H x W tensor; the input is not modified.
+    min_side: when the image's shorter side is below it, the picture is enlarged by the smallest whole factor that
+    reaches it (boxes scaled alike) — on a 120 x 160 image even the smallest legible tag hides the object it names.
+    Returns a CPU uint8 3 x (H*f) x (W*f) tensor (f = 1 unless enlarged); the input is not modified.
     """
     canvas = _to_cpu_image(image)
     boxes = boxes.detach().to("cpu", torch.float32).reshape(-1, 4)
+    factor = -(-min_side // min(canvas.shape[1:])) if min_side > min(canvas.shape[1:]) else 1
+    if factor > 1:
+        canvas = torch.nn.functional.interpolate(canvas[None].float(), scale_factor=factor, mode="bilinear",
+                                                 align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        boxes = boxes * factor
     labels = labels.detach().to("cpu").reshape(-1)
     scores = scores.detach().to("cpu", torch.float32).reshape(-1)
     if not (len(boxes) == len(labels) == len(scores)):
