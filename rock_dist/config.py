@@ -20,9 +20,10 @@ BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 
 
 def opt(help: str, default: Any = dataclasses.MISSING, *, positional: bool = False, cli: bool = True,
-        default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its command-line help. `cli=False` keeps it out of the parser (set from data)."""
-    meta = {"help": help, "positional": positional, "cli": cli}
+        default_factory: Any = dataclasses.MISSING, group: str = "") -> Any:
+    """A dataclass field with its command-line help. `cli=False` keeps it off the command line (set from data or
+    from a config file); `group` titles its section of `--help` (fields of a nested config share its name)."""
+    meta = {"help": help, "positional": positional, "cli": cli, "group": group}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -113,48 +114,48 @@ class TrainConfig:
     model: ModelConfig = opt("", default_factory=ModelConfig)
     loss: LossConfig = opt("", default_factory=LossConfig)
 
-    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
-    cpu: bool = opt("Force CPU (same as --device cpu; also makes multi-process launches use gloo).", False)
-    num_iters: int = opt("Optimizer steps at the global batch.", 30000)
-    lr: float = opt("Adam learning rate.", 5e-5)
-    weight_decay: float = opt("Adam weight decay.", 2e-3)
+    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto", group='precision and performance')
+    cpu: bool = opt("Force CPU (same as --device cpu; also makes multi-process launches use gloo).", False, group='precision and performance')
+    num_iters: int = opt("Optimizer steps at the global batch.", 30000, group='optimisation')
+    lr: float = opt("Adam learning rate.", 5e-5, group='optimisation')
+    weight_decay: float = opt("Adam weight decay.", 2e-3, group='optimisation')
     scheduler_milestones: tuple[int, ...] = opt("Global iterations at which the LR is multiplied by gamma.",
-                                                (25000,))
-    scheduler_gamma: float = opt("LR decay factor at each milestone.", 0.1)
+                                                (25000,), group='optimisation')
+    scheduler_gamma: float = opt("LR decay factor at each milestone.", 0.1, group='optimisation')
     lr_schedule: Literal["step", "linear"] = opt("LR schedule: 'step' multiplies by --scheduler_gamma at each "
                                                  "milestone (the reference); 'linear' decays linearly to zero at "
-                                                 "--num_iters (the milestones are then unused).", "step")
-    warmup_iters: int = opt("Linear LR warmup over this many first iterations (0: none).", 0)
+                                                 "--num_iters (the milestones are then unused).", "step", group='optimisation')
+    warmup_iters: int = opt("Linear LR warmup over this many first iterations (0: none).", 0, group='optimisation')
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("Autocast precision; 'auto' = bf16 on GPUs "
-                                                                 "that support it, else no.", "auto")
-    gradient_accumulation_steps: int = opt("Micro-batches per optimizer step.", 1)
-    clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0)
-    seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0)
+                                                                 "that support it, else no.", "auto", group='precision and performance')
+    gradient_accumulation_steps: int = opt("Micro-batches per optimizer step.", 1, group='optimisation')
+    clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0, group='optimisation')
+    seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0, group='optimisation')
 
     writer_path: str = opt("TensorBoard log directory ('auto': SAVE_PATH/tensorboard, so that each run's logs stay "
-                           "with its checkpoints; empty disables).", "auto")
-    save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints")
-    checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "")
+                           "with its checkpoints; empty disables).", "auto", group='logging and checkpoints')
+    save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints", group='logging and checkpoints')
+    checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "", group='logging and checkpoints')
     coco_json_save_path: str = opt("Directory for COCO ground-truth/detection JSON of periodic evaluations "
-                                   "('auto': SAVE_PATH/coco; empty disables).", "auto")
-    save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False)
-    val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0)
-    train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50)
-    image_to_tb_freq: int = opt("Write prediction images to TensorBoard every N iterations (0 disables).", 1000)
-    model_save_freq: int = opt("Save a checkpoint every N iterations (0: only at the end).", 5000)
-    keep_checkpoints: int = opt("How many periodic checkpoints to keep.", 3)
-    no_verbose: bool = opt("Quiet console: no progress bar, only warnings and the final summary.", False)
+                                   "('auto': SAVE_PATH/coco; empty disables).", "auto", group='logging and checkpoints')
+    save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False, group='logging and checkpoints')
+    val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0, group='logging and checkpoints')
+    train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50, group='logging and checkpoints')
+    image_to_tb_freq: int = opt("Write prediction images to TensorBoard every N iterations (0 disables).", 1000, group='logging and checkpoints')
+    model_save_freq: int = opt("Save a checkpoint every N iterations (0: only at the end).", 5000, group='logging and checkpoints')
+    keep_checkpoints: int = opt("How many periodic checkpoints to keep.", 3, group='logging and checkpoints')
+    no_verbose: bool = opt("Quiet console: no progress bar, only warnings and the final summary.", False, group='logging and checkpoints')
 
-    channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto")
-    compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto")
+    channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto", group='precision and performance')
+    compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto", group='precision and performance')
     fold_backbone_bn: bool = opt("Fold the frozen backbone BatchNorms into their convolutions while training "
                                  "(faster; same forward pass, but Adam and weight decay then act on the merged "
-                                 "weights, which departs from the reference recipe).", False)
+                                 "weights, which departs from the reference recipe).", False, group='precision and performance')
     dist_timeout: int = opt("Seconds a collective may wait for the other ranks before failing (instead of "
-                            "hanging).", 1800)
+                            "hanging).", 1800, group='distributed')
     auto_batch_size: bool = opt("Replace --batch_size by the largest per-process batch that fits on the GPU (90 %% "
                                 "of the measured maximum, the smallest over all ranks; a resumed run keeps its "
-                                "checkpoint's batch). CUDA only. The learning rate is not rescaled.", False)
+                                "checkpoint's batch). CUDA only. The learning rate is not rescaled.", False, group='precision and performance')
 
 
 # ------------------------------------------------------------------------------------------------- evaluate/detect
@@ -233,14 +234,15 @@ def _flag_spec(tp: Any, default: Any) -> dict[str, Any]:
     raise TypeError(f"config field type {tp!r} has no command-line form")
 
 
-def _walk(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+def _walk(cls: type, prefix: tuple[str, ...] = (), *, include_hidden: bool = False
+          ) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
     hints = get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(_walk(tp, prefix + (f.name,)))
-        elif f.metadata.get("cli", True):
+            out.extend(_walk(tp, prefix + (f.name,), include_hidden=include_hidden))
+        elif include_hidden or f.metadata.get("cli", True):
             out.append((prefix + (f.name,), f, tp))
     return out
 
@@ -253,8 +255,13 @@ def _default_of(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+CONFIG_FLAG_HELP = ("YAML or JSON file of flag values (flat, `lr: 0.001`, or nested by section as runs write "
+                    "them), or a training run's --save_path (its config.yaml). Flags given on the command line "
+                    "override the file.")
+
+
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per (nested) field of `cls`."""
+    """An argparse parser with one flag per (nested) field of `cls`, in `--help` sections by concern."""
     if prog is None:
         # Under `python -m rock_dist.X` argv[0] is a file path; name the command the way users type it.
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -262,50 +269,149 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
             prog = f"python -m {spec.name}"
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="", metavar="FILE_OR_RUN_DIR", help=CONFIG_FLAG_HELP)
+    sections: dict[str, Any] = {}
     seen: set[str] = set()
     for path, f, tp in _walk(cls):
         name = path[-1]
-        if name in seen:
-            raise TypeError(f"config field name {name!r} appears twice in {cls.__name__}")
+        if name in seen or name == "config":
+            raise TypeError(f"config field name {name!r} appears twice in {cls.__name__} (or is reserved)")
         seen.add(name)
+        title = f.metadata.get("group") or (path[0] if len(path) > 1 else "")
+        target = sections.setdefault(title, parser.add_argument_group(title)) if title else parser
         default = _default_of(f)
         spec = _flag_spec(tp, default)
         help_text = f.metadata.get("help", "")
         if f.metadata.get("positional"):
-            parser.add_argument(name, help=help_text, **{k: v for k, v in spec.items() if k != "action"})
+            target.add_argument(name, help=help_text, **{k: v for k, v in spec.items() if k != "action"})
             continue
         if default is not dataclasses.MISSING:
             spec["default"] = list(default) if isinstance(default, tuple) else default
         else:
             spec["required"] = True
-        parser.add_argument(f"--{name}", dest=name, help=help_text, **spec)
+        target.add_argument(f"--{name}", dest=name, help=help_text, **spec)
     return parser
 
 
-def _build(cls: type[T], values: dict[str, Any]) -> T:
+def _build(cls: type[T], values: dict[str, Any], hidden: dict[str, Any]) -> T:
+    """Instantiate `cls` from parsed flag values and, for fields kept off the command line, `hidden` values."""
     hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, values)
+            kwargs[f.name] = _build(tp, values, hidden)
         elif f.name in values and f.metadata.get("cli", True):
             value = values[f.name]
             if get_origin(_unwrap_optional(tp)[0]) is tuple and value is not None:
                 value = tuple(value)
             kwargs[f.name] = value
+        elif f.name in hidden and not f.metadata.get("cli", True):
+            kwargs[f.name] = hidden[f.name]
     return cls(**kwargs)
+
+
+def _config_file_argument(argv: Sequence[str]) -> str:
+    """The value of `--config` in `argv` (last one wins, like any flag), found before the real parse: the file's
+    values become the parser's defaults, so that the command line overrides them."""
+    value = ""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _file_value(tp: Any, value: Any) -> Any:
+    """`value` from a config file checked against the field type `tp`; ValueError says what was expected."""
+    tp, optional = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if value is None and (optional or tp is str):
+        return None if optional else ""  # `key:` with nothing after it: the flags' "empty" value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, bool) and "yes" in choices and "no" in choices:
+            return "yes" if value else "no"  # YAML 1.1 reads a bare yes/no as a boolean
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_file_value(args[0], v) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"expected a list of {len(args)} values, got {list(value)!r}")
+        return tuple(_file_value(a, v) for a, v in zip(args, value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    kind = {float: "a number", int: "an integer", str: "a string"}.get(tp, str(tp))
+    raise ValueError(f"expected {kind}, got {value!r}")
+
+
+def _read_config_values(cls: type, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(command-line defaults, values of fields kept off the command line) from the config file `path`."""
+    import difflib
+
+    from rock_dist.config_file import read_config_file, resolve_config_path
+
+    raw = read_config_file(path)
+    where = resolve_config_path(path)
+    fields = {p[-1]: (f, tp) for p, f, tp in _walk(cls, include_hidden=True)}
+    defaults: dict[str, Any] = {}
+    hidden: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            raise ValueError(f"--config {where}: unknown key {name!r}" + (f" (did you mean {close[0]!r}?)"
+                                                                         if close else f" for {cls.__name__}"))
+        f, tp = fields[name]
+        if f.metadata.get("positional"):
+            raise ValueError(f"--config {where}: {name!r} is a positional argument; give it on the command line")
+        try:
+            checked = _file_value(tp, value)
+        except ValueError as err:
+            raise ValueError(f"--config {where}: {name!r}: {err}") from None
+        if f.metadata.get("cli", True):
+            defaults[name] = list(checked) if isinstance(checked, tuple) else checked
+        else:
+            hidden[name] = checked
+    return defaults, hidden
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
                  prog: str | None = None) -> T:
     """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `cls`, validated.
 
+    `--config FILE` (any command) supplies values for any field; flags on the command line override it.
     `prog` names the command in usage lines (e.g. "python -m rock_dist.shards build").
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(cls, description, prog)
+    hidden: dict[str, Any] = {}
+    config_path = _config_file_argument(argv)
+    if config_path:
+        from rock_dist.config_file import ConfigFileError
+
+        try:
+            defaults, hidden = _read_config_values(cls, config_path)
+        except ConfigFileError as err:
+            parser.error(f"--config {err}")
+        except ValueError as err:
+            parser.error(str(err))
+        parser.set_defaults(**defaults)
     namespace = parser.parse_args(argv)
-    config = _build(cls, vars(namespace))
+    config = _build(cls, vars(namespace), hidden)
     try:
         validate(config)
     except ValueError as err:

@@ -93,6 +93,10 @@ def test_lr_schedule_counts_global_iterations(shard_dir: Path, tmp_path: Path) -
     assert result.lrs == pytest.approx([1e-4, 1e-4, 5e-5, 2.5e-5], rel=1e-12)
     assert all(math.isfinite(v) for v in result.losses)
     assert result.final_weights is not None and result.final_weights.is_file()
+    # The run's flags are written beside its checkpoints, and `--config SAVE_PATH` gives them back.
+    repeated = parse_config(TrainConfig, ["--config", str(tmp_path / "ckpt")])
+    assert repeated.lr == 1e-4 and repeated.scheduler_milestones == (2, 3) and repeated.num_iters == 4
+    assert repeated.model == cfg.model and repeated.data.train_path == cfg.data.train_path
 
 
 # -------------------------------------------------------------------------------------------------- accumulation

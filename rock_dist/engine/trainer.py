@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from rock_dist.config import TrainConfig, to_dict
+from rock_dist.config_file import RUN_CONFIG_NAME, write_config_file
 from rock_dist.engine import checkpoint as ckpt
 from rock_dist.engine.console import EvalProgress, TrainConsole
 from rock_dist.data.manifest import MANIFEST_NAME
@@ -585,6 +586,10 @@ class Trainer:
                 console.always(f"removed {len(removed)} temporary file(s) of interrupted saves from "
                                f"{self.cfg.save_path} ({sum(size for _, size in removed) / 2**20:.1f} MiB): "
                                + ", ".join(name for name, _ in removed[:3]) + (", ..." if len(removed) > 3 else ""))
+            # The resolved flags beside the checkpoints: `--config SAVE_PATH` repeats the run.
+            write_config_file(Path(self.cfg.save_path) / RUN_CONFIG_NAME, to_dict(self.cfg),
+                              "Flags of the training run that wrote this directory (rock_dist.train). Repeat it with\n"
+                              f"python -m rock_dist.train --config {self.cfg.save_path} [--save_path NEW_DIR] ...")
             return lock
 
         return self._on_main(take, ConfigError)
