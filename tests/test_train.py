@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 import sys
@@ -93,6 +94,12 @@ def test_lr_schedule_counts_global_iterations(shard_dir: Path, tmp_path: Path) -
     assert result.lrs == pytest.approx([1e-4, 1e-4, 5e-5, 2.5e-5], rel=1e-12)
     assert all(math.isfinite(v) for v in result.losses)
     assert result.final_weights is not None and result.final_weights.is_file()
+    # The portable pair beside it, describing this run (docs/weights.md).
+    description = json.loads(result.final_weights.with_suffix(".json").read_text())
+    assert result.final_weights.with_suffix(".safetensors").is_file()
+    assert description["provenance"]["iterations"] == 4 and description["provenance"]["train_config"]["lr"] == 1e-4
+    assert description["postprocess"] == {"score_threshold": 0.05, "nms_iou": 0.3, "max_detections": 100,
+                                          "conf_threshold": 0.4}
 
 
 # -------------------------------------------------------------------------------------------------- accumulation
