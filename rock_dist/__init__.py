@@ -1,7 +1,7 @@
 """rock_dist: distributed training of ROCK (SSD + residual auxiliary block) on NYU Depth v2.
 
 The package is organised as data → model → engine, with thin command-line entry points
-`python -m rock_dist.{shards,train,evaluate,detect,bench}`.
+`python -m rock_dist.{shards,train,evaluate,detect,export,bench}`.
 """
 
 __version__ = "0.1.0"

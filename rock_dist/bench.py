@@ -38,10 +38,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rock_dist.cli import run_cli
-from rock_dist.config import BENCH_SECTIONS, BenchConfig, LossConfig, ModelConfig, parse_config, to_dict
+from rock_dist.config import BENCH_SECTIONS, BenchConfig, ModelConfig, parse_config, to_dict
 from rock_dist.errors import ConfigError, RockError
 from rock_dist.fsutil import atomic_write_json
 from rock_dist.perf import memory, report
+from rock_dist.perf.infer_bench import saved_postprocess
 from rock_dist.perf.recipes import Recipe, fast_recipe, ladder
 
 
@@ -151,7 +152,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         manifest = load_manifest(train_dir)  # DataError naming the file when the shards are not there
         model_config = ModelConfig(backbone=st.backbone, pretrained="none", image_size=st.image_size,
                                    num_classes=len(manifest.class_names) + 1, num_scenes=len(manifest.scene_types))
-        loss_config = LossConfig()
+        loss_config = saved_postprocess(cfg.weights)
         recipes = ladder(device, batch_size=st.batch_size, compile=st.compile,
                          precision=st.precision)  # type: ignore[arg-type]
         reference, fast = recipes[0], recipes[-1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -69,9 +68,19 @@ class LossConfig:
     depth_weight: float = opt("Weight of the depth loss.", 3.0, cli=False)
     normals_weight: float = opt("Weight of the normals loss.", 30.0, cli=False)
     neg_pos_ratio: int = opt("Hard negatives per positive.", 3, cli=False)
-    score_threshold: float = opt("Minimum class score kept when decoding detections.", 0.05, cli=False)
-    nms_iou: float = opt("Per-class NMS IoU threshold.", 0.3, cli=False)
-    max_detections: int = opt("Detections kept per image.", 100, cli=False)
+    # Post-processing (POSTPROCESS_FIELDS): used by validation during training and saved with the weights, where
+    # evaluate, detect and the inference bench read them back (docs/weights.md).
+    score_threshold: float = opt("Minimum class score kept when decoding detections for evaluation (saved with the "
+                                 "weights).", 0.05)
+    nms_iou: float = opt("Per-class NMS IoU threshold (saved with the weights).", 0.3)
+    max_detections: int = opt("Detections kept per image (saved with the weights).", 100)
+    conf_threshold: float = opt("Minimum score of the detections `rock_dist.detect` draws and lists (saved with the "
+                                "weights; evaluation keeps everything above --score_threshold).", 0.4)
+
+
+# Post-processing settings: LossConfig fields that every weights file stores and evaluate/detect/bench read back.
+POSTPROCESS_FIELDS: tuple[str, ...] = ("score_threshold", "nms_iou", "max_detections", "conf_threshold")
+_FROM_WEIGHTS = " (default: the value saved with the weights, {} for files without one)"
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -163,11 +172,16 @@ class TrainConfig:
 class EvaluateConfig:
     """Flags of `python -m rock_dist.evaluate`."""
 
-    model_path: str = opt("Checkpoint or final weights file.", positional=True)
+    model_path: str = opt("Checkpoint or final weights file (.pt, or .safetensors with its .json beside it).",
+                          positional=True)
     test_path: str = opt("Test shards (split directory).", "shards/nyuv2/test")
     no_rock: bool = opt("Expect a baseline SSD checkpoint (checked against the file).", False)
     aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
         "Auxiliary tasks of the checkpoint (checked against the file).", AUX_TASKS)
+    score_threshold: float | None = opt("Minimum class score kept when decoding" + _FROM_WEIGHTS.format(0.05) + ".",
+                                        None)
+    nms_iou: float | None = opt("Per-class NMS IoU threshold" + _FROM_WEIGHTS.format(0.3) + ".", None)
+    max_detections: int | None = opt("Detections kept per image" + _FROM_WEIGHTS.format(100) + ".", None)
     coco_json_save_path: str = opt("Directory for ground-truth, detection and metrics JSON.", "output/eval")
     show_all_cats: bool = opt("Print per-category AP.", False)
     device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
@@ -183,13 +197,17 @@ class EvaluateConfig:
 class DetectConfig:
     """Flags of `python -m rock_dist.detect`."""
 
-    model_path: str = opt("Checkpoint or final weights file.", positional=True)
+    model_path: str = opt("Checkpoint or final weights file (.pt, or .safetensors with its .json beside it).",
+                          positional=True)
     image_path: str = opt("Directory of input images.", "data/detection/images")
     detection_output_path: str = opt("Directory for images with drawn boxes.", "data/detection/output")
     scene_output_path: str = opt("Directory for scene-label pictures (empty: none).", "")
     depth_output_path: str = opt("Directory for colour-mapped depth pictures (empty: none).", "")
     normals_output_path: str = opt("Directory for RGB-coded normals pictures (empty: none).", "")
-    conf_threshold: float = opt("Score threshold for drawn detections.", 0.4)
+    conf_threshold: float | None = opt("Score threshold for drawn detections" + _FROM_WEIGHTS.format(0.4) + ".",
+                                       None)
+    nms_iou: float | None = opt("Per-class NMS IoU threshold" + _FROM_WEIGHTS.format(0.3) + ".", None)
+    max_detections: int | None = opt("Detections kept per image" + _FROM_WEIGHTS.format(100) + ".", None)
     picture_min_side: int = opt("Pictures of smaller images are enlarged by a whole factor until their shorter side "
                                 "reaches this many pixels, so that the tags stay off the objects (0: never; the "
                                 "boxes in the JSON keep the original image's coordinates).", 480)
@@ -260,15 +278,26 @@ CONFIG_FLAG_HELP = ("YAML or JSON file of flag values (flat, `lr: 0.001`, or nes
                     "override the file.")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: the help of such a flag says where its value comes from instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per (nested) field of `cls`, in `--help` sections by concern."""
     if prog is None:
+        from rock_dist.cli import main_module
+
         # Under `python -m rock_dist.X` argv[0] is a file path; name the command the way users type it.
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if spec is not None and spec.name.startswith("rock_dist"):
-            prog = f"python -m {spec.name}"
+        module = main_module()
+        if module is not None:
+            prog = f"python -m {module}"
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--config", default="", metavar="FILE_OR_RUN_DIR", help=CONFIG_FLAG_HELP)
     sections: dict[str, Any] = {}
     seen: set[str] = set()
@@ -428,6 +457,9 @@ def validate(config: Any) -> None:
             raise ValueError(f"--image_size {h} {w}: both sides must be at least 64 pixels")
         if not model.no_rock and not model.aux_tasks:
             raise ValueError("--aux_tasks is empty: give at least one task, or use --no_rock for the baseline SSD")
+    for holder in (config, getattr(config, "loss", None)):
+        if holder is not None:
+            check_postprocess({name: getattr(holder, name) for name in POSTPROCESS_FIELDS if hasattr(holder, name)})
     data = getattr(config, "data", None)
     if isinstance(data, DataConfig) and data.force_crops and data.no_crops:
         raise ValueError("--force_crops and --no_crops contradict each other")
@@ -460,6 +492,31 @@ def validate(config: Any) -> None:
                              "iterations start at 1")
 
 
+def check_postprocess(values: dict[str, Any]) -> None:
+    """ValueError naming the flag when a post-processing setting (POSTPROCESS_FIELDS; None = not given) is out of
+    range. Used for the flags of train/evaluate/detect and for the settings read from a weights file."""
+    rules = {"score_threshold": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+             "conf_threshold": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+             "nms_iou": (lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
+             "max_detections": (lambda v: float(v).is_integer() and v >= 1, "must be a whole number, at least 1")}
+    for name, value in values.items():
+        if name not in rules or value is None:
+            continue
+        ok, rule = rules[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not ok(value):
+            raise ValueError(f"--{name} {value}: {rule}")
+
+
+def resolve_postprocess(saved: dict[str, Any] | None, **given: Any) -> LossConfig:
+    """The post-processing to run, per setting: the flag when the user gave it (not None), else the value saved with
+    the weights, else LossConfig's default. Only the POSTPROCESS_FIELDS of the result matter."""
+    values = {name: value for name, value in (saved or {}).items() if name in POSTPROCESS_FIELDS}
+    values.update({name: value for name, value in given.items() if value is not None})
+    if "max_detections" in values:
+        values["max_detections"] = int(values["max_detections"])
+    return dataclasses.replace(LossConfig(), **values)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-JSON form of a config (for checkpoints and TensorBoard)."""
     return dataclasses.asdict(config)
@@ -483,8 +540,9 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
 
 
 __all__ = [
-    "AUX_TASKS", "BACKBONES", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "EvaluateConfig",
-    "DetectConfig", "build_parser", "parse_config", "validate", "to_dict", "from_dict", "opt",
+    "AUX_TASKS", "BACKBONES", "ModelConfig", "LossConfig", "POSTPROCESS_FIELDS", "DataConfig", "TrainConfig",
+    "EvaluateConfig", "DetectConfig", "build_parser", "parse_config", "validate", "check_postprocess",
+    "resolve_postprocess", "to_dict", "from_dict", "opt",
 ]
 
 
@@ -691,6 +749,26 @@ class BenchConfig:
                        "slower steps with 2 threads on 2 busy cores).", 0)
     seed: int = opt("Seed of weights, data and augmentation.", 0)
     work_dir: str = opt("Directory for temporary files (synthetic shards, pickles); empty: the system temp dir.", "")
+    weights: str = opt("A weights file or checkpoint whose saved post-processing settings (score threshold, NMS IoU, "
+                       "detections per image) the infer and eval sections decode with; the timed model itself stays "
+                       "the one described by the flags above (empty: the defaults).", "")
 
 
 __all__ += ["BENCH_SECTIONS", "BenchConfig"]
+
+
+# ------------------------------------------------------------------------------------------------------------ export
+@dataclass
+class ExportConfig:
+    """Flags of `python -m rock_dist.export`: a weights file or checkpoint as an ONNX graph for deployment."""
+
+    model_path: str = opt("Weights file or checkpoint (.pt, or .safetensors with its .json beside it).",
+                          positional=True)
+    format: Literal["onnx"] = opt("Output format.", "onnx")
+    out: str = opt("Output file (empty: the weights path with the format's suffix, e.g. weights_final.onnx).", "")
+    opset: int = opt("ONNX operator set version (18 or later: torch's exporter has no implementations below).", 18)
+    check: bool = opt("Run the exported graph with onnxruntime on a random batch and compare it with PyTorch "
+                      "(needs onnxruntime).", True)
+
+
+__all__ += ["ExportConfig"]

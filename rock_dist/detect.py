@@ -2,7 +2,10 @@
 
 Reads every file of --image_path (any size, any format Pillow reads; EXIF rotation applied), resizes it to the
 model's input exactly like the evaluation pipeline, runs the model in batches, decodes the boxes (score
->= --conf_threshold, per-class NMS) and maps them back to the original pixels. Writes per image:
+>= --conf_threshold, per-class NMS) and maps them back to the original pixels. The model comes from a weights file
+(.pt, or .safetensors with its .json) or a checkpoint; the decoding settings (--conf_threshold, --nms_iou,
+--max_detections) are those saved with the weights unless given on the command line (docs/weights.md). Writes per
+image:
 - `<detection_output_path>/<stem>.png`: the image with boxes, class names and scores drawn, and one
   `<detection_output_path>/detections.json` with every image's boxes (pixel xyxy), scores, labels, class names
   (and the scene prediction when the model has one);
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rock_dist.cli import run_cli
-from rock_dist.config import DetectConfig, parse_config
+from rock_dist.config import DetectConfig, parse_config, resolve_postprocess
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.fsutil import atomic_path, atomic_write_json
 from rock_dist.perf.timing import synchronize
@@ -158,14 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rock_dist.engine.checkpoint import load_model
     from rock_dist.model.fuse import fold_all_batchnorm
     from rock_dist.engine.visualize import draw_detections
-    from rock_dist.evaluate import check_model_flags, resolve_device
+    from rock_dist.evaluate import check_model_flags, describe_postprocess, resolve_device
 
     console = Console(highlight=False)
     err_console = Console(highlight=False, stderr=True)
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch_size {cfg.batch_size}: must be at least 1")
-    if not 0.0 <= cfg.conf_threshold <= 1.0:
-        raise ConfigError(f"--conf_threshold {cfg.conf_threshold}: must be between 0 and 1")
     device = torch.device(resolve_device(cfg.device))
     model, model_config, meta = load_model(cfg.model_path, device)
     check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
@@ -179,17 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     class_names = list(meta.get("class_names") or CLASS_NAMES)
     scene_types = list(meta.get("scene_types") or SCENE_TYPES)
 
-    from rock_dist.config import LossConfig
-
-    loss_defaults = LossConfig()
-    detector = Detector(model, tuple(model_config.image_size), device, cfg.conf_threshold, loss_defaults.nms_iou,
-                        loss_defaults.max_detections)
+    given = {name: getattr(cfg, name) for name in ("conf_threshold", "nms_iou", "max_detections")}
+    post = resolve_postprocess(meta["postprocess"], **given)
+    detector = Detector(model, tuple(model_config.image_size), device, post.conf_threshold, post.nms_iou,
+                        post.max_detections)
     inputs = list_inputs(Path(cfg.image_path))
     stems = _output_stems(inputs)
     out_dir = Path(cfg.detection_output_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"Detecting in {len(inputs)} file(s) of {cfg.image_path} with {cfg.model_path} on {device} "
-                  f"(score >= {cfg.conf_threshold})")
+                  f"({describe_postprocess(post, meta['postprocess'], given)})")
 
     if cfg.get_throughput and inputs:
         # One untimed pass first: CUDA context, cuDNN autotuning and allocator growth are not steady-state cost.
@@ -247,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inputs and not summary:
         raise DataError(f"--image_path {cfg.image_path}: none of its {len(inputs)} file(s) could be read as an image "
                         f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}); nothing was written")
-    atomic_write_json(out_dir / DETECTIONS_JSON, {"model_path": str(cfg.model_path),
-                                                  "conf_threshold": cfg.conf_threshold, "images": summary,
-                                                  "skipped": skipped})
+    atomic_write_json(out_dir / DETECTIONS_JSON, {"model_path": str(cfg.model_path), **{name: getattr(post, name)
+                                                                                         for name in given},
+                                                  "images": summary, "skipped": skipped})
     console.print(f"{len(summary)} image(s) written to {out_dir}" +
                   (f", {len(skipped)} unreadable file(s) skipped" if skipped else ""))
     if cfg.get_throughput:

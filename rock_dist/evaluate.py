@@ -6,8 +6,10 @@ main process, and all processes agree on the result (rock_dist.engine.evaluation
 COCO stats, the auxiliary metrics and, with --show_all_cats, per-category AP, and writes ground_truth.json,
 detections.json and metrics.json to --coco_json_save_path.
 
-The model comes from a weights file or a training checkpoint (rock_dist.engine.checkpoint.load_model); the file
-stores its architecture, so --no_rock / --aux_tasks only serve as a check that the file is the expected model.
+The model comes from a weights file (.pt, or .safetensors with its .json) or a training checkpoint
+(rock_dist.engine.checkpoint.load_model); the file stores its architecture, so --no_rock / --aux_tasks only serve as
+a check that the file is the expected model. Detections are decoded with the post-processing settings saved with the
+weights (docs/weights.md); --score_threshold / --nms_iou / --max_detections override them when given.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from rock_dist.cli import run_cli
-from rock_dist.config import AUX_TASKS, EvaluateConfig, LossConfig, ModelConfig, parse_config
+from rock_dist.config import AUX_TASKS, EvaluateConfig, LossConfig, ModelConfig, parse_config, resolve_postprocess
 from rock_dist.errors import ConfigError, DataError
 
 
@@ -40,6 +42,16 @@ def check_model_flags(model_config: ModelConfig, no_rock: bool, aux_tasks: Seque
         if set(requested) != set(stored):
             raise ConfigError(f"{model_path}: --aux_tasks {' '.join(requested) or '(none)'} but the checkpoint was "
                               f"trained with --aux_tasks {' '.join(stored)}; pass --aux_tasks {' '.join(stored)}")
+
+
+def describe_postprocess(loss: LossConfig, saved: dict[str, Any], given: dict[str, Any]) -> str:
+    """One line saying which post-processing settings run and where each comes from (flag, weights file, default)."""
+    def origin(name: str) -> str:
+        return "flag" if given.get(name) is not None else "weights" if name in saved else "default"
+
+    labels = {"score_threshold": "score >", "conf_threshold": "score >=", "nms_iou": "NMS IoU",
+              "max_detections": "at most"}
+    return ", ".join(f"{labels[name]} {getattr(loss, name)} ({origin(name)})" for name in given)
 
 
 def _cpu_forced() -> bool:
@@ -109,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError(f"{cfg.model_path}: the model was trained on classes {meta['class_names']} but "
                         f"{manifest.path} lists {class_names}")
 
+    given = {name: getattr(cfg, name) for name in ("score_threshold", "nms_iou", "max_detections")}
+    loss_config = resolve_postprocess(meta["postprocess"], **given)
+
     image_size = tuple(model_config.image_size)
     target_size = feature_map_sizes(image_size, model_config.backbone)[0]
     loader = make_eval_loader(cfg.test_path, image_size=image_size, target_size=target_size,
@@ -119,12 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"[bold]Evaluating[/] {cfg.model_path} ({model_config.backbone}, "
                   f"{'ROCK: ' + ' '.join(model_config.tasks) if model_config.tasks else 'baseline SSD'}, "
                   f"input {image_size[0]}x{image_size[1]}) on {manifest.num_samples} images of {cfg.test_path} "
-                  f"with {accelerator.num_processes} process(es) on {accelerator.device}")
+                  f"with {accelerator.num_processes} process(es) on {accelerator.device}; decoding: "
+                  f"{describe_postprocess(loss_config, meta['postprocess'], given)}")
 
     progress = EvalProgress("evaluating", getattr(loader, "num_samples", None),
                             enabled=not cfg.no_verbose and accelerator.is_main_process)
     with progress:
-        metrics = evaluate(model, loader, accelerator, loss_config=LossConfig(), out_dir=cfg.coco_json_save_path,
+        metrics = evaluate(model, loader, accelerator, loss_config=loss_config, out_dir=cfg.coco_json_save_path,
                            show_all_cats=cfg.show_all_cats, class_names=class_names, backend=cfg.coco_backend,
                            progress=progress.advance, expected_images=manifest.num_samples)
 

@@ -11,7 +11,7 @@ import pytest
 from numerics import HANG_GUARD_S
 
 COMMANDS = ("train", "evaluate", "detect", "shards", "bench", "quickstart", "create_image_folder", "data.rooms",
-            "perf.data_bench")
+            "perf.data_bench", "export")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from rock_dist.config import (DetectConfig, EvaluateConfig, TrainConfig, build_parser, from_dict, parse_config,
-                              to_dict)
+from rock_dist.config import (POSTPROCESS_FIELDS, DetectConfig, EvaluateConfig, LossConfig, TrainConfig, build_parser,
+                              from_dict, parse_config, resolve_postprocess, to_dict)
 
 
 def test_defaults_match_reference_recipe() -> None:
@@ -158,3 +158,31 @@ def test_help_is_grouped_by_concern() -> None:
                         ("--channels_last", "precision and performance"), ("--device", "precision and performance"),
                         ("--keep_checkpoints", "logging and checkpoints"), ("--dist_timeout", "distributed")):
         assert section_of(flag) == title, flag
+
+
+@pytest.mark.parametrize("cls, argv, flag", [
+    (TrainConfig, ["--nms_iou", "0"], "--nms_iou"), (TrainConfig, ["--score_threshold", "1"], "--score_threshold"),
+    (TrainConfig, ["--conf_threshold", "nan"], "--conf_threshold"),
+    (EvaluateConfig, ["m.pt", "--max_detections", "0"], "--max_detections"),
+    (DetectConfig, ["w.pt", "--conf_threshold", "1.5"], "--conf_threshold"),
+])
+def test_bad_postprocess_flags_name_the_flag(cls: type, argv: list[str], flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, argv)
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_postprocess_flags_override_the_saved_settings_only_when_given() -> None:
+    saved = {"score_threshold": 0.2, "nms_iou": 0.5, "max_detections": 7, "conf_threshold": 0.9}
+    names = ("conf_threshold", "nms_iou", "max_detections")
+    plain = parse_config(DetectConfig, ["w.pt"])
+    assert all(getattr(plain, name) is None for name in names)  # not given: None, not a default
+    resolved = resolve_postprocess(saved, **{name: getattr(plain, name) for name in names})
+    assert {name: getattr(resolved, name) for name in POSTPROCESS_FIELDS} == saved
+    flagged = parse_config(DetectConfig, ["w.pt", "--nms_iou", "0.45"])
+    resolved = resolve_postprocess(saved, **{name: getattr(flagged, name) for name in names})
+    assert resolved.nms_iou == 0.45 and resolved.conf_threshold == 0.9 and resolved.max_detections == 7
+    assert resolve_postprocess({}) == LossConfig()  # a file without settings: the defaults
+    evaluate_help = build_parser(EvaluateConfig).format_help()
+    assert "--score_threshold" in evaluate_help and "(default: None)" not in evaluate_help

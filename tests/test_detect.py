@@ -107,6 +107,39 @@ def test_detect_checks_the_flags_against_the_checkpoint(weights: Path, tmp_path:
               "--device", "cpu", "--aux_tasks", "scene", "depth"])
 
 
+def _detections(weights: Path, images: Path, out: Path, *flags: str) -> dict:
+    from rock_dist.detect import DETECTIONS_JSON, main
+
+    assert main([str(weights), "--image_path", str(images), "--detection_output_path", str(out), "--device", "cpu",
+                 *flags]) == 0
+    return json.loads((out / DETECTIONS_JSON).read_text())
+
+
+def test_detect_reads_the_safetensors_pair_and_its_postprocessing(weights: Path, tmp_path: Path) -> None:
+    from rock_dist.config import LossConfig, TrainConfig
+    from rock_dist.engine.checkpoint import load_model, save_weights
+
+    images = _image_dir(tmp_path)
+    model, cfg, _ = load_model(weights, "cpu")
+    # The same model saved with other post-processing: a low threshold and at most 3 boxes per image.
+    saved = save_weights(tmp_path / "low" / "weights_final.pt", model, cfg, list(CLASS_NAMES), list(SCENE_TYPES),
+                         train_config=TrainConfig(loss=LossConfig(conf_threshold=0.01, max_detections=3)))
+    portable = saved.with_suffix(".safetensors")
+    default = _detections(weights, images, tmp_path / "default")
+    assert (default["conf_threshold"], default["nms_iou"], default["max_detections"]) == (0.4, 0.3, 100)
+    low = _detections(portable, images, tmp_path / "low_out")
+    assert (low["conf_threshold"], low["max_detections"]) == (0.01, 3)
+    counts = [len(entry["scores"]) for entry in low["images"].values()]
+    assert counts == [3, 3]  # this random model has many boxes above 0.01, and the saved cap keeps 3
+    assert all(s >= 0.01 for entry in low["images"].values() for s in entry["scores"])
+    assert counts != [len(entry["scores"]) for entry in default["images"].values()]
+    # Flags given on the command line win over the saved settings, and then the output is the default file's.
+    flagged = _detections(portable, images, tmp_path / "flagged", "--conf_threshold", "0.4", "--max_detections", "100")
+    assert flagged["images"] == default["images"]
+    # The .pt of the pair gives what the safetensors file gives.
+    assert _detections(saved, images, tmp_path / "low_pt")["images"] == low["images"]
+
+
 # ----------------------------------------------------------------------------------------------- pictures
 def test_pictures_are_cpu_uint8_and_do_not_touch_the_input() -> None:
     image = torch.full((3, 64, 80), 100, dtype=torch.uint8)

@@ -352,6 +352,39 @@ def test_evaluate_drops_duplicates_and_reports_missing_images(shard_dir: Path) -
                  expected_images=n)
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_evaluate_reads_the_safetensors_pair_and_its_postprocessing(shard_dir: Path, tmp_path: Path) -> None:
+    from rock_dist.config import LossConfig, ModelConfig, TrainConfig
+    from rock_dist.data.constants import SCENE_TYPES
+    from rock_dist.engine.checkpoint import save_weights
+    from rock_dist.evaluate import main
+    from rock_dist.model.builder import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", pretrained="none", image_size=(128, 160))
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # class scores near 1/20 instead of 1/120, so that decoding keeps boxes at 0.05
+        for name, param in model.named_parameters():
+            if ".conf." in name and name.endswith("bias"):
+                param.zero_()
+    pt = save_weights(tmp_path / "weights_final.pt", model, cfg, list(CLASS_NAMES), list(SCENE_TYPES),
+                      train_config=TrainConfig(loss=LossConfig(score_threshold=0.5)))
+
+    def run(weights: Path, name: str, *flags: str) -> tuple[dict, list]:
+        out = tmp_path / name
+        assert main([str(weights), "--test_path", str(shard_dir / "test"), "--coco_json_save_path", str(out),
+                     "--device", "cpu", "--no_verbose", "--num_workers", "0", *flags]) == 0
+        metrics = json.loads((out / METRICS_FILE).read_text())
+        metrics.pop("seconds", None)
+        return metrics, json.loads((out / DETECTIONS_FILE).read_text())
+
+    saved_metrics, saved_detections = run(pt.with_suffix(".safetensors"), "saved")
+    assert saved_detections and min(d["score"] for d in saved_detections) > 0.5  # the saved threshold
+    assert run(pt, "pt") == (saved_metrics, saved_detections)  # the .pt of the pair: the same result
+    flag_metrics, flag_detections = run(pt.with_suffix(".safetensors"), "flag", "--score_threshold", "0.05")
+    assert len(flag_detections) > len(saved_detections) and min(d["score"] for d in flag_detections) <= 0.5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

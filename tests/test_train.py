@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 import sys
@@ -97,6 +98,12 @@ def test_lr_schedule_counts_global_iterations(shard_dir: Path, tmp_path: Path) -
     repeated = parse_config(TrainConfig, ["--config", str(tmp_path / "ckpt")])
     assert repeated.lr == 1e-4 and repeated.scheduler_milestones == (2, 3) and repeated.num_iters == 4
     assert repeated.model == cfg.model and repeated.data.train_path == cfg.data.train_path
+    # The portable pair beside it, describing this run (docs/weights.md).
+    description = json.loads(result.final_weights.with_suffix(".json").read_text())
+    assert result.final_weights.with_suffix(".safetensors").is_file()
+    assert description["provenance"]["iterations"] == 4 and description["provenance"]["train_config"]["lr"] == 1e-4
+    assert description["postprocess"] == {"score_threshold": 0.05, "nms_iou": 0.3, "max_detections": 100,
+                                          "conf_threshold": 0.4}
 
 
 # -------------------------------------------------------------------------------------------------- accumulation

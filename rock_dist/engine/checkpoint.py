@@ -2,7 +2,9 @@
 
 Two kinds of file (docs/training.md):
 - weights-only (`save_weights`): {"format": "rock_dist-weights", "model", "model_config", "class_names",
-  "scene_types"} — what `evaluate` and `detect` need, written at the end of training;
+  "scene_types", "postprocess", "provenance", "version"} — what `evaluate`, `detect` and `export` need, written at
+  the end of training as NAME.pt and, with the same description, as NAME.safetensors + NAME.json
+  (`engine.weights`, docs/weights.md);
 - training checkpoint (`CheckpointManager.save`): the same keys with format "rock_dist-checkpoint" plus optimizer,
   scheduler, grad-scaler, step, data position, per-rank RNG states, the training config and the best val metric.
 
@@ -11,25 +13,27 @@ from torch.compile), so any file loads with `torch.load(weights_only=True, map_l
 on CPU or GPU (docs/training.md). Writes go through `rock_dist.fsutil.atomic_torch_save`: an interrupted save
 (Ctrl-C, crash, full disk) never replaces or removes the previous complete checkpoint.
 
-Called by `rock_dist.engine.trainer` (saving, resuming) and by `evaluate` / `detect` (`load_model`).
+Called by `rock_dist.engine.trainer` (saving, resuming) and by `evaluate` / `detect` / `export` (`load_model`).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from rock_dist.config import ModelConfig, from_dict, to_dict
+from rock_dist.config import ModelConfig, TrainConfig, from_dict, to_dict
+from rock_dist.engine.weights import (WEIGHTS_FORMAT, describe, is_portable, portable_paths, read_portable, sidecar,
+                                      stored_postprocess, training_provenance, write_safetensors)
 from rock_dist.errors import CheckpointError, DataError
-from rock_dist.fsutil import atomic_torch_save
+from rock_dist.fsutil import atomic_path, atomic_torch_save, atomic_write_json
 
-WEIGHTS_FORMAT = "rock_dist-weights"
 CHECKPOINT_FORMAT = "rock_dist-checkpoint"
 CHECKPOINT_VERSION = 1
 _PREFIXES = ("module.", "_orig_mod.")
@@ -37,7 +41,7 @@ _PERIODIC = re.compile(r"^checkpoint_step(\d+)\.pt$")
 BEST_NAME = "checkpoint_best.pt"
 FINAL_WEIGHTS_NAME = "weights_final.pt"
 # fsutil.atomic_path's temporary names for the files above: `.{final name}.{random}.tmp`.
-_TEMP = re.compile(r"^\.(checkpoint_step\d+\.pt|checkpoint_best\.pt|weights_final\.pt)\..+\.tmp$")
+_TEMP = re.compile(r"^\.(checkpoint_step\d+\.pt|checkpoint_best\.pt|weights_final\.(pt|safetensors|json))\..+\.tmp$")
 _SPACE_MARGIN = 1.05  # pickling adds a little to the tensor bytes
 
 
@@ -87,22 +91,37 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(path: str | Path, model: torch.nn.Module, model_config: ModelConfig, class_names: list[str],
-                 scene_types: list[str]) -> Path:
-    """Write the final weights-only file (docs/training.md) atomically; returns its path."""
+                 scene_types: list[str], *, train_config: TrainConfig | None = None,
+                 iterations: int | None = None) -> Path:
+    """Write the final weights (docs/weights.md) atomically: `path` (NAME.pt) and, with the same description,
+    NAME.safetensors + NAME.json beside it. The post-processing settings come from `train_config.loss` (defaults
+    without one), the provenance from `train_config` and `iterations`. Returns `path`."""
     path = Path(path)
-    save_with_space_check(path, {
-        "format": WEIGHTS_FORMAT,
-        "model": model_state(model),
-        "model_config": to_dict(model_config),
-        "class_names": list(class_names),
-        "scene_types": list(scene_types),
-    })
+    state = model_state(model)
+    description = describe(model_config, class_names, scene_types,
+                           loss=train_config.loss if train_config is not None else None,
+                           provenance=training_provenance(train_config, iterations))
+    save_with_space_check(path, {**description, "model": state})
+    tensors_path, json_path = portable_paths(path)
+    # Tensors first, then the JSON that names their hash: a crash in between leaves a pair that is refused as such.
+    save_with_space_check(tensors_path, state, write=_atomic_safetensors)
+    atomic_write_json(json_path, sidecar(description, tensors_path))
     return path
 
 
+def _atomic_safetensors(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        mode = tmp.stat().st_mode
+        write_safetensors(tmp, state)
+        os.chmod(tmp, mode)  # safetensors recreates the file with 0600; keep the ordinary permissions of the others
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a weights file or training checkpoint onto the CPU with `weights_only=True`; DataError when unusable."""
+    """Load a weights file (.pt, or .safetensors / .json of the portable pair) or a training checkpoint onto the CPU
+    (torch files with `weights_only=True`); DataError when unusable."""
     path = Path(path)
+    if is_portable(path):
+        return read_portable(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint file not found")
     try:
@@ -141,7 +160,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
                                                                                 dict[str, Any]]:
     """Build the model stored in `path` (weights file or training checkpoint) on `device`, in eval mode.
 
-    Returns (model, model_config, meta) with meta = {"format", "class_names", "scene_types", "step", "path"}.
+    Returns (model, model_config, meta) with meta = {"format", "class_names", "scene_types", "step", "path",
+    "postprocess" (the stored settings, {} for older files; see config.resolve_postprocess), "provenance"}.
     The backbone is built with `pretrained="none"` because the file holds all weights.
     """
     from rock_dist.model.builder import build_model
@@ -160,7 +180,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     model.to(device)
     model.eval()
     meta = {"format": data["format"], "class_names": list(data.get("class_names", [])),
-            "scene_types": list(data.get("scene_types", [])), "step": data.get("step"), "path": str(path)}
+            "scene_types": list(data.get("scene_types", [])), "step": data.get("step"), "path": str(path),
+            "postprocess": stored_postprocess(data, path), "provenance": data.get("provenance") or {}}
     return model, model_config, meta
 
 
@@ -233,8 +254,8 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def save_with_space_check(path: Path, obj: Any) -> None:
-    """`atomic_torch_save` that first checks the free space of the target's file system (the new file is complete
+def save_with_space_check(path: Path, obj: Any, write: Callable[[Path, Any], None] = atomic_torch_save) -> None:
+    """`write` (an atomic writer, `atomic_torch_save` by default) that first checks the free space of the target's file system (the new file is complete
     before any older one is removed, so a whole file's worth must be free) and turns a failed write into one
     CheckpointError naming the directory; what was saved before stays intact either way."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +266,7 @@ def save_with_space_check(path: Path, obj: Any) -> None:
                               f"MiB needed, {free / 2**20:.1f} MiB free; free some space or use another "
                               "--save_path (the checkpoints already there are intact)")
     try:
-        atomic_torch_save(path, obj)
+        write(path, obj)
     except (OSError, RuntimeError) as err:
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed
         cause = "the disk is full" if full else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

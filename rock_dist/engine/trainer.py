@@ -476,7 +476,7 @@ class Trainer:
                     result.metrics = self._evaluate(console, tb)  # resumed at the end: evaluate anyway
                 result.final_weights = self._main_writes(lambda: ckpt.save_weights(
                     self.manager.final_weights_path, self.model, self.model_config, self.class_names,
-                    self.scene_types))
+                    self.scene_types, train_config=cfg, iterations=st.step))
         finally:
             tb.close()
             if watchdog is not None:

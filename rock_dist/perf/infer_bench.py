@@ -9,6 +9,10 @@ A randomly initialised detector gives almost no class score above the 0.05 thres
 nothing to do. `nms_load="trained"` therefore sets the confidence heads' class biases to 0 (scores near 1/C), so
 every image sends its full per-class top-k to NMS and keeps about 100 detections, like a trained detector on a
 cluttered scene (an upper bound on decoding work); `nms_load="init"` keeps the initial weights.
+
+The post-processing settings (score threshold, NMS IoU, detections per image) are those saved with a weights file
+when the bench is given one (`--weights`, read by `saved_postprocess`), so the timing is of the decoding that model
+is deployed with.
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ from rock_dist.perf.recipes import Applied, Recipe, apply_inference_recipe
 from rock_dist.perf.timing import measure
 
 NmsLoad = Literal["trained", "init"]
+
+
+def saved_postprocess(weights: str) -> Any:
+    """LossConfig whose post-processing fields are those saved with `weights` (a weights file or checkpoint), the
+    defaults when `weights` is empty."""
+    from rock_dist.config import resolve_postprocess
+
+    if not weights:
+        return resolve_postprocess(None)
+    from rock_dist.engine.checkpoint import read_checkpoint
+    from rock_dist.engine.weights import stored_postprocess
+
+    return resolve_postprocess(stored_postprocess(read_checkpoint(weights), weights))
 
 
 def build_inference(model_config: Any, recipe: Recipe, device: torch.device, *, seed: int = 0,
@@ -133,4 +150,4 @@ def bench_eval(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
     return rows
 
 
-__all__ = ["build_inference", "make_infer_step", "bench_infer", "bench_eval"]
+__all__ = ["saved_postprocess", "build_inference", "make_infer_step", "bench_infer", "bench_eval"]
