@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
