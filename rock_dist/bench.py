@@ -3,13 +3,15 @@
     python -m rock_dist.bench [--sections data,step,e2e,infer,eval] [--shards DIR] [--device auto] [--quick]
                               [--json out.json] [--find_max_batch] ...
 
-Sections (each on whatever device is present; the recipes are defined in `rock_dist.perf.recipes`):
+Sections (each on whatever device is present; the recipes are defined in `rock_dist.perf.recipes` and applied by
+the engine's fast path, `rock_dist.engine.fast_path`):
 - data: samples/s per worker of our shard reader vs a reference-style pickle + PIL + CPU-matching pipeline
   (`perf.data_bench.run_data_benchmark`, one thread each);
-- step: training img/s on an in-memory batch, one row per change from the reference recipe to the fast one
-  (batched matching, batch size, bf16, channels_last, BN folding, fused Adam, compile);
-- e2e: training img/s from the shards: reference recipe on the reference-style loader, the reference step on our
-  loader, and the fast recipe on our loader with device prefetching;
+- step: training img/s of the trainer's own step (`engine.step.train_step`) on an in-memory batch, one row per
+  change from the reference recipe to the fast one (batched matching, batch size, bf16, channels_last, BN folding,
+  fused Adam, compile);
+- e2e: training img/s from the shards, the same step fed by a loader: reference recipe on the reference-style
+  loader, the reference step on the trainer's loader, and the fast recipe on the trainer's loader;
 - infer: inference img/s including decoding and NMS, batch 1 and batched, per inference-relevant change;
 - eval: wall time of `engine.evaluation.evaluate` over the test split.
 Warm-up iterations are excluded, the device is synchronised around every timed window, the median of the windows
@@ -41,7 +43,8 @@ from rock_dist.cli import run_cli
 from rock_dist.config import BENCH_SECTIONS, BenchConfig, ModelConfig, parse_config, to_dict
 from rock_dist.errors import ConfigError, RockError
 from rock_dist.fsutil import atomic_write_json
-from rock_dist.perf import memory, report
+from rock_dist.engine import memory
+from rock_dist.perf import report
 from rock_dist.perf.infer_bench import saved_postprocess
 from rock_dist.perf.recipes import Recipe, fast_recipe, ladder
 

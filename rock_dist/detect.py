@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
     from rock_dist.engine.checkpoint import load_model
-    from rock_dist.model.fuse import fold_all_batchnorm
+    from rock_dist.engine.fast_path import apply_inference_recipe, inference_recipe
     from rock_dist.engine.visualize import draw_detections
     from rock_dist.evaluate import check_model_flags, describe_postprocess, resolve_device
 
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, model_config, meta = load_model(cfg.model_path, device)
     check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
     # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
-    fold_all_batchnorm(model.eval())
+    model = apply_inference_recipe(model, inference_recipe(), device).model
     for flag, task in (("--scene_output_path", "scene"), ("--depth_output_path", "depth"),
                        ("--normals_output_path", "normals")):
         if getattr(cfg, flag[2:]) and task not in model_config.tasks:

@@ -95,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rock_dist.data.manifest import load_manifest
     from rock_dist.data.pipeline import make_eval_loader
     from rock_dist.engine.checkpoint import load_model
-    from rock_dist.model.fuse import fold_all_batchnorm
     from rock_dist.engine.distributed import check_world_size
+    from rock_dist.engine.fast_path import apply_inference_recipe, inference_recipe
     from rock_dist.engine.console import EvalProgress
     from rock_dist.engine.evaluation import evaluate, metrics_renderables
     from rock_dist.model.priors import feature_map_sizes
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, model_config, meta = load_model(cfg.model_path, accelerator.device)
     check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
     # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
-    fold_all_batchnorm(model.eval())
+    model = apply_inference_recipe(model, inference_recipe(), accelerator.device).model
     class_names = list(manifest.class_names)
     if len(class_names) != model_config.num_classes - 1:
         raise DataError(f"{cfg.model_path}: the model predicts {model_config.num_classes - 1} classes but "

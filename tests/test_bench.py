@@ -1,22 +1,27 @@
-"""Tests of the benchmark (issue 6): the command end to end on tiny shards, the recipes' numerical equivalence, the
-reference-style matching, and the largest-batch search logic (with a fake memory limit, no GPU)."""
+"""Tests of the benchmark (issue 6): the command end to end on tiny shards, that it times the trainer's own step
+(issue 13), the recipes' numerical equivalence, the reference-style matching, and the largest-batch search logic
+(with a fake memory limit, no GPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
 
-from rock_dist.config import BenchConfig, LossConfig, ModelConfig, parse_config
+from rock_dist.config import BenchConfig, LossConfig, ModelConfig, TrainConfig, parse_config
 from rock_dist.errors import ConfigError
 from rock_dist.model.builder import build_model
-from rock_dist.perf.memory import find_max_batch_size, find_max_train_batch_size
+from rock_dist.engine.fast_path import apply_inference_recipe, match_per_image_on_cpu, prepare_model_for_training
+from rock_dist.engine.memory import find_max_batch_size, find_max_train_batch_size
+from rock_dist.engine.synthetic_batch import synthetic_batch
 from numerics import EQUIVALENT_ATOL, EQUIVALENT_RTOL
-from rock_dist.perf.recipes import (apply_inference_recipe, fast_recipe, ladder, match_per_image_on_cpu,
-                                    prepare_model_for_training, reference_recipe)
+from rock_dist.perf.recipes import fast_recipe, ladder, reference_recipe
 
 SMALL = ModelConfig(backbone="resnet18", pretrained="none", image_size=(128, 160))
 # Folding BN into the convolutions and channels_last only reorder the arithmetic, so the equivalence tests run in
@@ -120,6 +125,75 @@ def test_bench_rejects_unknown_section(tmp_path: Path) -> None:
     assert ok.sections == ["step", "infer", "eval"] and ok.backbone == "resnet18" and ok.image_size == (128, 160)
 
 
+# ------------------------------------------------------------------------------------------ one training step
+@contextlib.contextmanager
+def _calls_of(function: Callable[..., Any]) -> Iterator[list[str]]:
+    """Record every call of `function` while open, as the file name of the calling code. Matched by code object,
+    so a call counts whatever name the caller reached the function by, and a copy of its code would not."""
+    calls: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is function.__code__:
+            calls.append(Path(frame.f_back.f_code.co_filename).name)
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield calls
+    finally:
+        sys.settrace(previous)
+
+
+def test_bench_times_the_step_the_training_loop_runs(shard_dir: Path, tmp_path: Path,
+                                                     fresh_accelerate_state: None) -> None:
+    """The benchmark's step and e2e sections (2 iterations each, tiny shards) and a 2-iteration training run all
+    go through `engine.step.train_step`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from rock_dist.data.manifest import load_manifest
+    from rock_dist.engine import step as engine_step
+    from rock_dist.engine.trainer import Trainer
+    from rock_dist.perf.train_bench import bench_e2e, bench_step, shard_batch
+
+    manifest = load_manifest(str(shard_dir / "train"))
+    cfg = ModelConfig(backbone="resnet18", pretrained="none", image_size=(64, 80),
+                      num_classes=len(manifest.class_names) + 1, num_scenes=len(manifest.scene_types))
+    train_dir = str(shard_dir / "train")
+    # The reference step (per-image CPU matching: the criterion's matcher argument) on the trainer's loader.
+    recipe = dataclasses.replace(reference_recipe(batch_size=2), loader="rock_dist", num_workers=0)
+    timing = {"warmup": 1, "repeats": 1, "iters": 1}
+    cpu = torch.device("cpu")
+    with _calls_of(engine_step.train_step) as calls:
+        bench_step([recipe], cfg, LossConfig(), cpu, batch_source=lambda b: shard_batch(train_dir, b, cfg),
+                   max_rounds=1, **timing)
+        bench_e2e([recipe], cfg, LossConfig(), cpu, train_dir=train_dir, **timing)
+        bench_calls = list(calls)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        trainer = Trainer(parse_config(TrainConfig, [
+            "--backbone", "resnet18", "--pretrained", "none", "--image_size", "64", "80", "--num_workers", "0",
+            "--no_verbose", "--train_path", train_dir, "--val_path", "", "--save_path", str(tmp_path / "ckpt"),
+            "--writer_path", "", "--coco_json_save_path", "", "--batch_size", "2", "--model_save_freq", "0",
+            "--num_iters", "2"]))
+        result = trainer.fit()
+    assert bench_calls == ["train_bench.py"] * 4  # warm-up + one timed iteration, per section
+    assert calls[len(bench_calls):] == ["trainer.py"] * 2 and result.step == 2
+
+
+def test_batch_size_probe_runs_the_trainers_step(monkeypatch: pytest.MonkeyPatch,
+                                                 fresh_accelerate_state: None) -> None:
+    from rock_dist.engine import memory
+    from rock_dist.engine import step as engine_step
+
+    monkeypatch.setattr(memory, "max_batch_not_applicable", lambda device: None)  # the CUDA-only search, on a CPU
+    tiny = dataclasses.replace(SMALL, image_size=(64, 64))
+    with _calls_of(engine_step.train_step) as calls:
+        result = memory.find_max_train_batch_size(tiny, LossConfig(), reference_recipe(), "cpu", max_batch=4,
+                                                  steps=1)
+    assert result.batch_size == 4 and result.capped
+    assert calls == ["memory.py"] * 2  # batches 2 and 4, one step each
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 def test_ladder_goes_from_reference_to_fast_one_change_at_a_time() -> None:
     rows = ladder("cpu")
@@ -194,7 +268,6 @@ def test_training_recipe_keeps_train_mode_outputs_and_saves_unfolded_weights() -
 def test_per_image_cpu_matching_equals_batched_matching() -> None:
     from rock_dist.model.boxes import match_priors
     from rock_dist.model.priors import make_priors
-    from rock_dist.perf.train_bench import synthetic_batch
 
     batch = synthetic_batch(5, dataclasses.replace(SMALL, num_classes=20), seed=3)
     priors = make_priors(SMALL.image_size, SMALL.backbone)
@@ -208,18 +281,17 @@ def test_per_image_cpu_matching_equals_batched_matching() -> None:
 
 def test_reference_criterion_gives_the_same_loss_as_the_batched_one() -> None:
     from rock_dist.model.builder import build_criterion
-    from rock_dist.perf.recipes import ReferenceMatchingCriterion
-    from rock_dist.perf.train_bench import synthetic_batch
 
     torch.manual_seed(0)
     model = build_model(SMALL)
     criterion = build_criterion(SMALL, LossConfig())
+    reference = build_criterion(SMALL, LossConfig(), matcher=match_per_image_on_cpu)
     batch = synthetic_batch(3, SMALL, seed=1)
     x = (batch["images"].float() - 128.0) / 64.0
     with torch.no_grad():
         outputs = model(x)
         want = criterion(outputs, batch)
-        got = ReferenceMatchingCriterion(criterion)(outputs, batch)
+        got = reference(outputs, batch)
     torch.testing.assert_close(got["loss"], want["loss"])
     torch.testing.assert_close(got["num_pos"], want["num_pos"])
 

@@ -257,7 +257,7 @@ def test_auto_batch_size_refuses_cpu_and_keeps_a_resumed_batch(shard_dir: Path, 
         Trainer(make_cfg(shard_dir, tmp_path, "--auto_batch_size", "--num_iters", "1"))
     # With a device where the search applies, the probe's answer replaces --batch_size; a resumed run keeps the
     # checkpoint's batch instead of probing again (its data position then stays exact).
-    import rock_dist.perf.memory as memory
+    import rock_dist.engine.memory as memory
 
     monkeypatch.setattr(memory, "max_batch_not_applicable", lambda device: None)
     monkeypatch.setattr(memory, "auto_train_batch_size", lambda *a, **k: 4)

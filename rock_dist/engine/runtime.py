@@ -1,6 +1,7 @@
 """Process-level set-up for training: device choice, mixed precision, the Accelerator, seeding and RNG state.
 
-Called once by `rock_dist.engine.trainer.train` before anything is built. Everything that depends on the machine
+Called once by `rock_dist.engine.trainer.train` before anything is built (and `local_accelerator` by the benchmark
+and the autotune, through `engine.step.recipe_step_parts`). Everything that depends on the machine
 (CUDA present? bf16 supported? which launcher started us?) is decided here, so the training loop itself only ever
 sees resolved values.
 """
@@ -66,8 +67,7 @@ def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_paramete
     micro-batches); syncing with a data loader's end is switched off because the stream has no end that all ranks
     reach together.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     handlers = [
         # find_unused_parameters stays available for models with parameters that may get no gradient; the
@@ -77,10 +77,35 @@ def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_paramete
         # A finite timeout turns a desynchronised rank into an error instead of an endless hang.
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),
     ]
-    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
-    return Accelerator(cpu=runtime.cpu, mixed_precision=runtime.mixed_precision,
-                       gradient_accumulation_plugin=plugin, kwargs_handlers=handlers,
-                       step_scheduler_with_optimizer=False)
+    return _accelerator(cpu=runtime.cpu, mixed_precision=runtime.mixed_precision,
+                        accumulation_steps=cfg.gradient_accumulation_steps, handlers=handlers)
+
+
+def local_accelerator(mixed_precision: str, *, cpu: bool, accumulation_steps: int = 1) -> Any:
+    """An Accelerator for training steps in this one process outside a training run (the benchmark, the autotune),
+    set up as the trainer's is.
+
+    Accelerate keeps its state in process-wide singletons that refuse a second precision, and the benchmark times
+    fp32 and bf16 recipes in one process, so the singletons are reset first. Earlier Accelerators keep working for
+    their prepared models (autocast and grad scaler are fixed at preparation). Never inside a process group: the
+    reset would drop the trainer's distributed state (the batch-size probe uses the trainer's Accelerator instead).
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise RuntimeError("local_accelerator: this process is part of a process group; use its Accelerator")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return _accelerator(cpu=cpu, mixed_precision=mixed_precision, accumulation_steps=accumulation_steps, handlers=[])
+
+
+def _accelerator(*, cpu: bool, mixed_precision: str, accumulation_steps: int, handlers: list[Any]) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    plugin = GradientAccumulationPlugin(num_steps=accumulation_steps, sync_with_dataloader=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin,
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,5 +140,5 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
-__all__ = ["Runtime", "resolve_runtime", "make_accelerator", "seed_everything", "capture_rng_state",
+__all__ = ["Runtime", "resolve_runtime", "make_accelerator", "local_accelerator", "seed_everything", "capture_rng_state",
            "restore_rng_state"]

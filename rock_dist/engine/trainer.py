@@ -14,6 +14,10 @@ W processes. The loop:
    global iteration) exactly once;
 5. logs, evaluates on the val split, writes checkpoints and TensorBoard pictures on their schedules.
 
+Steps 1 (counts) to 4 are one function, `engine.step.train_step`, on the parts `engine.step.build_step_parts` set up
+per the fast path's training recipe (`engine.fast_path`); the benchmark and the `--auto_batch_size` probe run the
+same function.
+
 Resuming (`--checkpoint_path`) restores weights, optimizer, scheduler, grad scaler, per-rank RNG states, the best val
 metric and the data position (the stream's global sample position), then runs only the remaining iterations.
 
@@ -52,15 +56,15 @@ from rock_dist.engine.run_lock import RunLock
 from rock_dist.engine.supervision import ParentWatchdog, StopRequest, under_launcher
 from rock_dist.engine.lr_schedule import lr_factor
 from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, broadcast_object,
-                                          check_world_size, gather_objects, injected_fault, parse_fault_spec,
-                                          state_digest)
-from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses
+                                          check_world_size, gather_objects, parse_fault_spec, state_digest)
+from rock_dist.engine import memory
+from rock_dist.engine.fast_path import training_recipe
 from rock_dist.engine.runtime import (Runtime, capture_rng_state, make_accelerator, resolve_runtime,
                                       restore_rng_state, seed_everything)
+from rock_dist.engine.step import StepParts, build_step_parts, train_step
 from rock_dist.engine.tensorboard import TBLogger, eval_metric_scalars, prediction_pictures
-from rock_dist.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, Preempted, RockError
+from rock_dist.errors import CheckpointError, ConfigError, DataError, Preempted, RockError
 from rock_dist.fsutil import atomic_write_json
-from rock_dist.perf.recipes import make_optimizer, prepare_model_for_training, training_recipe
 
 RECORD_ENV = "ROCK_DIST_RECORD_DIR"
 # Architecture fields that must agree between a checkpoint and the flags of the run resuming it.
@@ -177,6 +181,10 @@ class Trainer:
         self.resume_data = ckpt.read_checkpoint(resume_path) if resume_path is not None else None
         if self.resume_data is not None:
             self._check_resume_compatible(resume_path)
+        # The fast path is defined once, in rock_dist.engine.fast_path and engine.step (the benchmark measures the
+        # same code): channels_last per the runtime, fused Adam, and with --fold_backbone_bn the frozen backbone BNs
+        # folded into their convs (weights are saved unfolded by checkpoint.model_state).
+        self.recipe = training_recipe(self.runtime, self.device, fold_bn=cfg.fold_backbone_bn)
         if cfg.auto_batch_size:
             cfg = self.cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
                                                                                batch_size=self._auto_batch_size()))
@@ -187,19 +195,12 @@ class Trainer:
         criterion = build_criterion(self.model_config, cfg.loss)
         if self.resume_data is not None:
             model.load_state_dict(ckpt.strip_wrapper_prefixes(self.resume_data["model"]), strict=True)
-        # The fast path is defined once, in rock_dist.perf.recipes (the benchmark measures the same code):
-        # channels_last per the runtime, fused Adam, and with --fold_backbone_bn the frozen backbone BNs folded into
-        # their convs (before the optimizer, which must see the folded parameters; weights are saved unfolded by
-        # checkpoint.model_state).
-        recipe = training_recipe(self.runtime, self.device, fold_bn=cfg.fold_backbone_bn)
-        model = prepare_model_for_training(model, recipe, self.device)
-        optimizer = make_optimizer(model, recipe, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # Deliberately NOT prepared: a prepared scheduler steps once per process per optimizer step (docs/training.md).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.criterion = criterion.to(self.device)
-        if self.runtime.compile:
-            self.model = torch.compile(self.model)
+        self.parts: StepParts = build_step_parts(
+            model, criterion, self.recipe, acc, loss_config=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            clip_grad_norm=cfg.clip_grad_norm, lr_lambda=self.lr_factor)
+        self.parts.faults = parse_fault_spec(os.environ.get(FAULT_ENV))
+        self.parts.advice = (f" The last checkpoint in {cfg.save_path} is from before this iteration. Try a lower "
+                             "--lr, --clip_grad_norm, or --mixed_precision no.")
 
         self.state = TrainState()
         self._resumed_layout: tuple[Any, Any] = (None, None)  # (world size, batch size) of the checkpoint
@@ -209,7 +210,6 @@ class Trainer:
             # Per-rank streams for anything random in the main process from here on.
             seed_everything(cfg.seed + 1_000_003 * (self.rank + 1))
 
-        self.faults = parse_fault_spec(os.environ.get(FAULT_ENV))
         self.record_dir = os.environ.get(RECORD_ENV) or None
         self.manager = ckpt.CheckpointManager(cfg.save_path, cfg.keep_checkpoints)
         self.before_optimizer_step: Callable[[torch.nn.Module], None] | None = None  # diagnostics / tests
@@ -221,17 +221,28 @@ class Trainer:
         self.loader_watch = LoaderWatch(samples_per_step=cfg.data.batch_size * cfg.gradient_accumulation_steps,
                                         num_workers=cfg.data.num_workers)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.parts.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.parts.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self.parts.scheduler
+
     def _auto_batch_size(self) -> int:
         """`--auto_batch_size`: the checkpoint's batch when resuming (the data position stays exact), else the
-        largest batch that fits on this GPU times 0.9 (perf.memory), minimised over the ranks so that all agree."""
-        from rock_dist.perf.memory import auto_train_batch_size, max_batch_not_applicable
-
-        reason = max_batch_not_applicable(self.device)
+        largest batch whose training step fits on this GPU times 0.9 (engine.memory), minimised over the ranks so
+        that all agree."""
+        reason = memory.max_batch_not_applicable(self.device)
         if reason is not None:
             raise ConfigError(f"--auto_batch_size: {reason}")
         if self.resume_data is not None and self.resume_data.get("batch_size"):
             return int(self.resume_data["batch_size"])
-        found = auto_train_batch_size(self.model_config, self.cfg.loss, self.runtime, self.device)
+        found = memory.auto_train_batch_size(self.model_config, self.cfg.loss, self.recipe, self.accelerator)
         agreed = int(self.accelerator.reduce(torch.tensor([found], device=self.device), reduction="min").item()) \
             if self.world_size > 1 else found
         if self.is_main:
@@ -372,77 +383,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[Mapping[str, torch.Tensor]], step: int | None = None
                    ) -> dict[str, float]:
-        """One optimizer step over this rank's K micro-batches (CPU batches of docs/data_format.md).
-
-        Returns the global-batch loss components (same values on every rank) and "lr" (the lr used).
-        Raises NonFiniteLossError on every rank together when any rank's loss is not finite.
-        """
-        from rock_dist.data.batch import prepare_batch
-
-        acc = self.accelerator
-        cfg = self.cfg
-        step = self.state.step + 1 if step is None else step
-        k = len(micro_batches)
-        if k != cfg.gradient_accumulation_steps:
-            raise ValueError(f"train_step got {k} micro-batches, expected {cfg.gradient_accumulation_steps}")
-        for batch in micro_batches:
-            n = batch["images"].shape[0]
-            if n < 2:
-                raise DataError(f"rank {self.rank}: a training batch of {n} image(s); BatchNorm needs at least 2 "
-                                "per process")
-
-        counts = [micro_batch_counts(b) for b in micro_batches]
-        global_counts = all_reduce_sum(torch.stack(counts).sum(0).to(self.device)).cpu()
-        num_micro_global = k * self.world_size
-        tasks = self.model_config.tasks
-        lr = self.optimizer.param_groups[0]["lr"]
-
-        sums: dict[str, torch.Tensor] = {}
-        nonfinite = torch.zeros((), device=self.device)
-        inject = injected_fault(self.faults, step, self.rank)
-        for batch, count in zip(micro_batches, counts):
-            prepared = prepare_batch(batch, self.device, channels_last=self.runtime.channels_last)
-            with acc.accumulate(self.model):
-                outputs = self.model(prepared["images"])
-                raw = self.criterion(outputs, prepared)
-                losses = normalized_losses(raw, loss_ratios(count, global_counts, num_micro_global), tasks,
-                                           cfg.loss)
-                loss = losses["loss"]
-                if inject:
-                    loss = losses["loss"] = loss * float("nan")
-                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
-                acc.backward(loss)
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0) + value.detach().float()
-        if not acc.sync_gradients:
-            raise RuntimeError("gradient accumulation out of step: the last micro-batch did not sync gradients")
-
-        # One all-reduce per step carries the loss components and one non-finite flag per rank.
-        names = sorted(sums)
-        flags = torch.zeros(self.world_size, device=self.device)
-        flags[self.rank] = nonfinite
-        packed = torch.cat([torch.stack([sums[n] for n in names]), flags])
-        reduced = all_reduce_sum(packed).tolist()  # also the step's host synchronisation point
-        bad_ranks = [r for r, f in enumerate(reduced[len(names):]) if f > 0]
-        if bad_ranks:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite training loss at iteration {step} on rank(s) {', '.join(map(str, bad_ranks))}; all "
-                f"{self.world_size} process(es) stopped before the optimizer step. The last checkpoint in "
-                f"{cfg.save_path} is from before this iteration. Try a lower --lr, --clip_grad_norm, or "
-                "--mixed_precision no.")
-        values = {n: v / num_micro_global for n, v in zip(names, reduced)}
-
-        if cfg.clip_grad_norm > 0:
-            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
-            values["grad_norm"] = float(norm)
-        if self.before_optimizer_step is not None:
-            self.before_optimizer_step(self.model)
-        self.optimizer.step()
-        self.scheduler.step()  # exactly once per global iteration, on every rank
-        self.optimizer.zero_grad(set_to_none=True)
-        values["lr"] = lr
-        return values
+        """One optimizer step over this rank's K micro-batches: `engine.step.train_step` on this run's parts (the
+        same function the benchmark and the batch-size probe time). `step` defaults to the next iteration."""
+        return train_step(self.parts, micro_batches, step=self.state.step + 1 if step is None else step,
+                          before_optimizer_step=self.before_optimizer_step)
 
     # ------------------------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:

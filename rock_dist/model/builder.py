@@ -9,8 +9,9 @@ from __future__ import annotations
 from rock_dist.config import AUX_TASKS, BACKBONES, LossConfig, ModelConfig
 from rock_dist.errors import ConfigError
 from rock_dist.model.backbone import build_backbone
+from rock_dist.model.boxes import match_priors
 from rock_dist.model.detector import ROCKDetector
-from rock_dist.model.losses import ROCKCriterion
+from rock_dist.model.losses import Matcher, ROCKCriterion
 from rock_dist.model.priors import feature_map_sizes
 
 
@@ -47,10 +48,10 @@ def build_model(cfg: ModelConfig) -> ROCKDetector:
     return ROCKDetector(cfg, build_backbone(cfg.backbone, cfg.pretrained, freeze_bn=cfg.backbone_bn == "frozen"))
 
 
-def build_criterion(cfg: ModelConfig, loss: LossConfig) -> ROCKCriterion:
-    """The training criterion matching `build_model(cfg)` (same priors, same tasks)."""
+def build_criterion(cfg: ModelConfig, loss: LossConfig, matcher: Matcher = match_priors) -> ROCKCriterion:
+    """The training criterion matching `build_model(cfg)` (same priors, same tasks), matching priors with `matcher`."""
     check_model_config(cfg)
-    return ROCKCriterion(cfg, loss)
+    return ROCKCriterion(cfg, loss, matcher)
 
 
 __all__ = ["build_model", "build_criterion", "check_model_config"]

@@ -1,8 +1,10 @@
 """ROCKCriterion: SSD detection loss plus the masked auxiliary losses (scene, depth, normals), docs/losses.md.
 
 Built by `builder.build_criterion`; called by the trainer and evaluation as `criterion(outputs, batch)`. Matching of
-priors to boxes runs here, vectorised over the padded batch on the batch's device. No loss uses data-dependent Python
-control flow or host synchronisation, so the criterion can be compiled together with the model.
+priors to boxes runs here, by default `boxes.match_priors` (vectorised over the padded batch on the batch's device);
+the criterion takes its matcher as an argument, so the benchmark's reference recipe passes its per-image CPU matcher
+(`engine.fast_path.match_per_image_on_cpu`) without touching this module. No loss uses data-dependent Python control
+flow or host synchronisation, so the criterion can be compiled together with the model.
 
 Returned components (all scalar tensors): `loss_loc` and `loss_conf` are the per-image box and class losses divided
 by the image's positives and averaged over the batch (images without boxes count as 0); `loss_det` =
@@ -16,15 +18,18 @@ has_normals); a batch where no sample has a modality gives exactly 0 for it (fin
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rock_dist.config import LossConfig, ModelConfig
-from rock_dist.model.boxes import encode_boxes, match_priors
+from rock_dist.model.boxes import MatchResult, encode_boxes, match_priors
 from rock_dist.model.priors import make_priors
+
+# A prior matcher: (gt_boxes B x M x 4 xyxy, gt_labels B x M, priors P x 4 cxcywh) -> MatchResult of B x P tensors.
+Matcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], MatchResult]
 
 # Depth targets are clamped to this range (metres) before the log (reference).
 DEPTH_MIN, DEPTH_MAX = 1e-3, 10.0
@@ -63,19 +68,19 @@ def hard_negative_mask(loss: torch.Tensor, negative: torch.Tensor, num_neg: torc
 
 
 def detection_loss(loc: torch.Tensor, conf: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
-                   priors: torch.Tensor, *, neg_pos_ratio: int = 3, use_all_priors: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   priors: torch.Tensor, *, neg_pos_ratio: int = 3, use_all_priors: bool = False,
+                   matcher: Matcher = match_priors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SSD loss of a batch: (loss_loc, loss_conf, num_pos), each averaged over images as described in the module.
 
     loc B x P x 4, conf B x P x C, gt_boxes B x M x 4 normalised xyxy, gt_labels B x M (0 = padding), priors P x 4.
     Box loss: SmoothL1 (beta 1) summed over the 4 offsets of positive priors. Class loss: cross-entropy of positives
     plus the `neg_pos_ratio` x positives highest-loss background priors (hard negatives); with `use_all_priors`,
     every background prior instead, their sum weighted by 5 x positives / negatives. Ignored priors (IoU between
-    the thresholds) take part in neither.
+    the thresholds) take part in neither. `matcher` assigns boxes to priors (`boxes.match_priors` by default).
     """
     loc = loc.float()
     conf = conf.float()
-    match = match_priors(gt_boxes, gt_labels, priors)
+    match = matcher(gt_boxes, gt_labels, priors)
     labels = match.labels  # B x P
     pos = labels > 0
     neg = labels == 0
@@ -162,15 +167,17 @@ class ROCKCriterion(nn.Module):
 
     outputs: the detector's dict ("loc" B x P x 4, "conf" B x P x C, plus "scene"/"depth"/"normals" of the trained
     tasks). batch (docs/data_format.md, on the outputs' device): "boxes" B x M x 4, "labels" B x M, and for the trained
-    tasks "scene" + "has_scene", "depth" + "has_depth", "normals" + "normals_mask" + "has_normals".
+    tasks "scene" + "has_scene", "depth" + "has_depth", "normals" + "normals_mask" + "has_normals". `matcher` assigns
+    the boxes to the priors (see `detection_loss`).
     """
 
     priors: torch.Tensor
 
-    def __init__(self, config: ModelConfig, loss: LossConfig) -> None:
+    def __init__(self, config: ModelConfig, loss: LossConfig, matcher: Matcher = match_priors) -> None:
         super().__init__()
         self.config = config
         self.loss_config = loss
+        self.matcher = matcher
         self.tasks: tuple[str, ...] = config.tasks
         self.register_buffer("priors", make_priors(config.image_size, config.backbone), persistent=False)
 
@@ -184,7 +191,7 @@ class ROCKCriterion(nn.Module):
                              f"{priors.shape[0]} (image size {self.config.image_size}): build both from one config")
         loss_loc, loss_conf, num_pos = detection_loss(
             loc, outputs["conf"], batch["boxes"], batch["labels"], priors, neg_pos_ratio=lc.neg_pos_ratio,
-            use_all_priors=self.config.use_all_priors_conf_loss)
+            use_all_priors=self.config.use_all_priors_conf_loss, matcher=self.matcher)
         loss_det = lc.loc_weight * loss_loc + loss_conf
         result = {"loss_loc": loss_loc, "loss_conf": loss_conf, "loss_det": loss_det}
         total = loss_det
@@ -209,4 +216,4 @@ class ROCKCriterion(nn.Module):
         return result
 
 
-__all__ = ["ROCKCriterion", "detection_loss", "hard_negative_mask", "scene_loss", "depth_loss", "normals_loss"]
+__all__ = ["Matcher", "ROCKCriterion", "detection_loss", "hard_negative_mask", "scene_loss", "depth_loss", "normals_loss"]

@@ -3,9 +3,9 @@
 Called by `rock_dist.quickstart`, which uses it twice: to pick the fastest precision / memory format for this CPU
 (AMX, AVX-512, AVX2 and Arm CPUs rank them differently: bf16 is 2-3x faster than fp32 with AMX tiles and 20x slower
 without them; channels_last helps on some CPUs and not on others) and to know how long one step takes, so that the
-run can be sized to a time budget. Each candidate is timed on a synthetic batch through the benchmark's own step
-(`perf.train_bench.make_train_step`: device transfer, forward, criterion, backward, optimizer step), after one
-untimed warm-up step. Results are cached in `$ROCK_DIST_CACHE_DIR/autotune.json` (default `~/.cache/rock_dist`),
+run can be sized to a time budget. Each candidate is timed on a synthetic batch through the trainer's own step
+(`engine.step.train_step`, as the benchmark times it: device transfer, forward, criterion, backward, optimizer
+step), after one untimed warm-up step. Results are cached in `$ROCK_DIST_CACHE_DIR/autotune.json` (default `~/.cache/rock_dist`),
 keyed by CPU model, oneDNN ISA cap, torch version, thread count, device and model configuration, so a second run on
 the same machine starts at once; `refresh=True` measures again.
 """
@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rock_dist.perf.recipes import (Precision, Recipe, amx_available, bf16_supported, fused_adam_available,
-                                    onednn_isa_cap)
+from rock_dist.engine.fast_path import Precision, Recipe, fused_adam_available
+from rock_dist.perf.recipes import amx_available, bf16_supported, onednn_isa_cap
 from rock_dist.perf.timing import measure
 
 
@@ -70,12 +70,13 @@ def candidates(device: torch.device) -> list[StepCandidate]:
 def measure_step_seconds(model_config: Any, loss_config: Any, batch_size: int, candidate: StepCandidate,
                          device: torch.device, *, steps: int = 2) -> float:
     """Seconds of one training step of `candidate` (mean over `steps` after one warm-up step)."""
-    from rock_dist.perf.train_bench import build_applied, make_train_step, synthetic_batch
+    from rock_dist.engine.synthetic_batch import synthetic_batch
+    from rock_dist.perf.train_bench import build_parts, step_runner
 
     recipe = Recipe(name=candidate.label, batch_size=batch_size, precision=candidate.precision,
                     channels_last=candidate.channels_last, fused_adam=fused_adam_available(device),
                     device_matching=True, loader="rock_dist")
-    step = make_train_step(build_applied(model_config, loss_config, recipe, device))
+    step = step_runner(build_parts(model_config, loss_config, recipe, device))
     batch = synthetic_batch(batch_size, model_config)
     return measure(lambda: step(batch), device, warmup=1, repeats=1, iters=max(1, steps)).median_s
 

@@ -22,8 +22,9 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from rock_dist.perf.memory import free_device_memory, peak_memory_mib, reset_peak_memory, rss_mib
-from rock_dist.perf.recipes import Applied, Recipe, apply_inference_recipe
+from rock_dist.engine.fast_path import Applied, Recipe, apply_inference_recipe
+from rock_dist.engine.memory import free_device_memory
+from rock_dist.perf.memory import peak_memory_mib, reset_peak_memory, rss_mib
 from rock_dist.perf.timing import measure
 
 NmsLoad = Literal["trained", "init"]
@@ -81,28 +82,32 @@ def bench_infer(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, 
                 batch_sizes: Sequence[int], warmup: int, repeats: int, iters: int, seed: int = 0,
                 nms_load: NmsLoad = "trained", log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """img/s of inference + decoding + NMS for each recipe at each batch size (random uint8 images in memory)."""
-    H, W = model_config.image_size
     rows = []
     for recipe in recipes:
         for bs in batch_sizes:
             log(f"infer: {recipe.name} batch {bs} ({recipe.describe(inference=True, batch_size=bs)})")
             reset_peak_memory(device)
-            applied = build_inference(model_config, recipe, device, seed=seed, nms_load=nms_load)
-            infer = make_infer_step(applied, loss_config)
-            g = torch.Generator().manual_seed(seed)
-            images = torch.randint(0, 256, (bs, 3, H, W), dtype=torch.uint8, generator=g)
-            if device.type == "cuda":
-                images = images.pin_memory()
-            detections = infer(images)
-            timing = measure(lambda: infer(images), device, warmup=warmup, repeats=repeats, iters=iters)
-            rows.append({"recipe": recipe.name, "describe": recipe.describe(inference=True, batch_size=bs),
-                         "config": {**recipe.to_dict(), "batch_size": bs},
-                "batch_size": bs, "img_per_s": timing.rate(bs), "timing": timing.to_dict(),
-                "detections_per_image": sum(int(d["scores"].numel()) for d in detections) / bs,
-                "peak_gpu_mib": peak_memory_mib(device), "rss_mib": rss_mib()})
-            del applied, infer, images, detections
-            free_device_memory(device)
+            rows.append(_infer_row(recipe, bs, model_config, loss_config, device, seed=seed, nms_load=nms_load,
+                                   warmup=warmup, repeats=repeats, iters=iters))
+            free_device_memory(device)  # the row's model and images went with its frame
     return rows
+
+
+def _infer_row(recipe: Recipe, bs: int, model_config: Any, loss_config: Any, device: torch.device, *, seed: int,
+               nms_load: NmsLoad, warmup: int, repeats: int, iters: int) -> dict[str, Any]:
+    H, W = model_config.image_size
+    infer = make_infer_step(build_inference(model_config, recipe, device, seed=seed, nms_load=nms_load), loss_config)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (bs, 3, H, W), dtype=torch.uint8, generator=g)
+    if device.type == "cuda":
+        images = images.pin_memory()
+    detections = infer(images)
+    timing = measure(lambda: infer(images), device, warmup=warmup, repeats=repeats, iters=iters)
+    return {"recipe": recipe.name, "describe": recipe.describe(inference=True, batch_size=bs),
+            "config": {**recipe.to_dict(), "batch_size": bs},
+            "batch_size": bs, "img_per_s": timing.rate(bs), "timing": timing.to_dict(),
+            "detections_per_image": sum(int(d["scores"].numel()) for d in detections) / bs,
+            "peak_gpu_mib": peak_memory_mib(device), "rss_mib": rss_mib()}
 
 
 def bench_eval(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, device: torch.device, *,
