@@ -115,6 +115,23 @@ class DataConfig:
         "by prepare_batch on the training device), 'cpu' (in the workers) or 'none'.", "device")
 
 
+# ------------------------------------------------------------------------------------------------ task weighting
+@dataclass
+class WeightingConfig:
+    """How the auxiliary losses are weighted against detection (docs/losses.md, "Task weighting")."""
+
+    task_weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = opt(
+        "Weights of the scene, depth and normals losses: 'fixed' (the reference's 3 / 3 / 30), 'uncertainty' "
+        "(learned log-variances, Kendall et al. 2018), 'dwa' (Dynamic Weight Average, Liu et al. 2019) or "
+        "'gradnorm' (Chen et al. 2018, on the shared ROCK encoder's last layer). Detection keeps weight 1; every "
+        "strategy starts from the reference weights.", "fixed")
+    task_weighting_lr: float = opt("Adam learning rate of the uncertainty log-variances and the GradNorm scales.",
+                                   0.025)
+    dwa_temperature: float = opt("DWA softmax temperature.", 2.0)
+    dwa_window: int = opt("DWA: iterations per window whose mean loss stands for the paper's epoch.", 50)
+    gradnorm_alpha: float = opt("GradNorm asymmetry alpha (how strongly slower tasks are pushed).", 1.5)
+
+
 # ---------------------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
@@ -123,49 +140,64 @@ class TrainConfig:
     data: DataConfig = opt("", default_factory=DataConfig)
     model: ModelConfig = opt("", default_factory=ModelConfig)
     loss: LossConfig = opt("", default_factory=LossConfig)
+    weighting: WeightingConfig = opt("", default_factory=WeightingConfig)
 
-    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto", group='precision and performance')
-    cpu: bool = opt("Force CPU (same as --device cpu; also makes multi-process launches use gloo).", False, group='precision and performance')
-    num_iters: int = opt("Optimizer steps at the global batch.", 30000, group='optimisation')
-    lr: float = opt("Adam learning rate.", 5e-5, group='optimisation')
-    weight_decay: float = opt("Adam weight decay.", 2e-3, group='optimisation')
+    device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto",
+                                                 group="precision and performance")
+    cpu: bool = opt("Force CPU (same as --device cpu; also makes multi-process launches use gloo).", False,
+                    group="precision and performance")
+    num_iters: int = opt("Optimizer steps at the global batch.", 30000, group="optimisation")
+    lr: float = opt("Adam learning rate.", 5e-5, group="optimisation")
+    weight_decay: float = opt("Adam weight decay.", 2e-3, group="optimisation")
     scheduler_milestones: tuple[int, ...] = opt("Global iterations at which the LR is multiplied by gamma.",
-                                                (25000,), group='optimisation')
-    scheduler_gamma: float = opt("LR decay factor at each milestone.", 0.1, group='optimisation')
+                                                (25000,), group="optimisation")
+    scheduler_gamma: float = opt("LR decay factor at each milestone.", 0.1, group="optimisation")
     lr_schedule: Literal["step", "linear"] = opt("LR schedule: 'step' multiplies by --scheduler_gamma at each "
                                                  "milestone (the reference); 'linear' decays linearly to zero at "
-                                                 "--num_iters (the milestones are then unused).", "step", group='optimisation')
-    warmup_iters: int = opt("Linear LR warmup over this many first iterations (0: none).", 0, group='optimisation')
+                                                 "--num_iters (the milestones are then unused).", "step",
+                                                 group="optimisation")
+    warmup_iters: int = opt("Linear LR warmup over this many first iterations (0: none).", 0, group="optimisation")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("Autocast precision; 'auto' = bf16 on GPUs "
-                                                                 "that support it, else no.", "auto", group='precision and performance')
-    gradient_accumulation_steps: int = opt("Micro-batches per optimizer step.", 1, group='optimisation')
-    clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0, group='optimisation')
-    seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0, group='optimisation')
+                                                                 "that support it, else no.", "auto",
+                                                                 group="precision and performance")
+    gradient_accumulation_steps: int = opt("Micro-batches per optimizer step.", 1, group="optimisation")
+    clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0, group="optimisation")
+    seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0, group="optimisation")
 
     writer_path: str = opt("TensorBoard log directory ('auto': SAVE_PATH/tensorboard, so that each run's logs stay "
-                           "with its checkpoints; empty disables).", "auto", group='logging and checkpoints')
-    save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints", group='logging and checkpoints')
-    checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "", group='logging and checkpoints')
+                           "with its checkpoints; empty disables).", "auto", group="logging and checkpoints")
+    save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints",
+                         group="logging and checkpoints")
+    checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "", group="logging and checkpoints")
     coco_json_save_path: str = opt("Directory for COCO ground-truth/detection JSON of periodic evaluations "
-                                   "('auto': SAVE_PATH/coco; empty disables).", "auto", group='logging and checkpoints')
-    save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False, group='logging and checkpoints')
-    val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0, group='logging and checkpoints')
-    train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50, group='logging and checkpoints')
-    image_to_tb_freq: int = opt("Write prediction images to TensorBoard every N iterations (0 disables).", 1000, group='logging and checkpoints')
-    model_save_freq: int = opt("Save a checkpoint every N iterations (0: only at the end).", 5000, group='logging and checkpoints')
-    keep_checkpoints: int = opt("How many periodic checkpoints to keep.", 3, group='logging and checkpoints')
-    no_verbose: bool = opt("Quiet console: no progress bar, only warnings and the final summary.", False, group='logging and checkpoints')
+                                   "('auto': SAVE_PATH/coco; empty disables).", "auto", group="logging and checkpoints")
+    save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False,
+                                 group="logging and checkpoints")
+    val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0,
+                             group="logging and checkpoints")
+    train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50, group="logging and checkpoints")
+    image_to_tb_freq: int = opt("Write prediction images to TensorBoard every N iterations (0 disables).", 1000,
+                                group="logging and checkpoints")
+    model_save_freq: int = opt("Save a checkpoint every N iterations (0: only at the end).", 5000,
+                               group="logging and checkpoints")
+    keep_checkpoints: int = opt("How many periodic checkpoints to keep.", 3, group="logging and checkpoints")
+    no_verbose: bool = opt("Quiet console: no progress bar, only warnings and the final summary.", False,
+                           group="logging and checkpoints")
 
-    channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto", group='precision and performance')
-    compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto", group='precision and performance')
+    channels_last: Literal["auto", "yes", "no"] = opt("channels_last memory format ('auto': on CUDA).", "auto",
+                                                      group="precision and performance")
+    compile: Literal["auto", "yes", "no"] = opt("torch.compile the model ('auto': on CUDA).", "auto",
+                                                group="precision and performance")
     fold_backbone_bn: bool = opt("Fold the frozen backbone BatchNorms into their convolutions while training "
                                  "(faster; same forward pass, but Adam and weight decay then act on the merged "
-                                 "weights, which departs from the reference recipe).", False, group='precision and performance')
+                                 "weights, which departs from the reference recipe).", False,
+                                 group="precision and performance")
     dist_timeout: int = opt("Seconds a collective may wait for the other ranks before failing (instead of "
-                            "hanging).", 1800, group='distributed')
+                            "hanging).", 1800, group="distributed")
     auto_batch_size: bool = opt("Replace --batch_size by the largest per-process batch that fits on the GPU (90 %% "
                                 "of the measured maximum, the smallest over all ranks; a resumed run keeps its "
-                                "checkpoint's batch). CUDA only. The learning rate is not rescaled.", False, group='precision and performance')
+                                "checkpoint's batch). CUDA only. The learning rate is not rescaled.", False,
+                                group="precision and performance")
 
 
 # ------------------------------------------------------------------------------------------------- evaluate/detect
@@ -291,7 +323,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per (nested) field of `cls`, in `--help` sections by concern."""
     if prog is None:
-        from rock_dist.cli import main_module
+        from rock_dist.invocation import main_module
 
         # Under `python -m rock_dist.X` argv[0] is a file path; name the command the way users type it.
         module = main_module()
@@ -488,6 +520,18 @@ def validate(config: Any) -> None:
         for flag, value, ok, rule in checks:
             if not ok or value != value:  # value != value: NaN
                 raise ValueError(f"{flag} {value}: {rule}")
+        weighting = config.weighting
+        for flag, value, ok, rule in (
+                ("--task_weighting_lr", weighting.task_weighting_lr, weighting.task_weighting_lr > 0,
+                 "must be positive"),
+                ("--dwa_temperature", weighting.dwa_temperature, weighting.dwa_temperature > 0, "must be positive"),
+                ("--dwa_window", weighting.dwa_window, weighting.dwa_window >= 1, "must be at least 1"),
+                ("--gradnorm_alpha", weighting.gradnorm_alpha, weighting.gradnorm_alpha >= 0, "must be 0 or more")):
+            if not ok or value != value:
+                raise ValueError(f"{flag} {value}: {rule}")
+        if weighting.task_weighting != "fixed" and config.model.no_rock:
+            raise ValueError(f"--task_weighting {weighting.task_weighting} weights the auxiliary tasks, and --no_rock "
+                             "trains none")
         if any(m < 1 for m in config.scheduler_milestones):
             raise ValueError(f"--scheduler_milestones {' '.join(map(str, config.scheduler_milestones))}: "
                              "iterations start at 1")
@@ -541,7 +585,8 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
 
 
 __all__ = [
-    "AUX_TASKS", "BACKBONES", "ModelConfig", "LossConfig", "POSTPROCESS_FIELDS", "DataConfig", "TrainConfig",
+    "AUX_TASKS", "BACKBONES", "ModelConfig", "LossConfig", "WeightingConfig", "POSTPROCESS_FIELDS", "DataConfig",
+    "TrainConfig",
     "EvaluateConfig", "DetectConfig", "build_parser", "parse_config", "validate", "check_postprocess",
     "resolve_postprocess", "to_dict", "from_dict", "opt",
 ]

@@ -128,3 +128,147 @@ def test_state_round_trips_through_a_checkpoint(name: str, tmp_path) -> None:
     with pytest.raises(ValueError, match="task weighting"):
         build_task_weighting("fixed" if name != "fixed" else "dwa", TASKS, BASE).load_state_dict(
             straight.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ in the trainer
+import os  # noqa: E402 - the trainer-level tests below need the launcher's environment
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from rock_dist.config import TrainConfig, parse_config  # noqa: E402
+from rock_dist.engine import checkpoint as ckpt  # noqa: E402
+from rock_dist.engine.trainer import BN_EVAL_ENV, RECORD_ENV, Trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--num_workers", "0",
+         "--no_verbose", "--writer_path", "", "--coco_json_save_path", "", "--val_path", "", "--model_save_freq", "0",
+         "--lr", "1e-4"]
+ADAPTIVE = ["uncertainty", "dwa", "gradnorm"]
+
+
+def _trainer(shard_dir: Path, save: Path, weighting: str, *extra: str) -> Trainer:
+    cfg = parse_config(TrainConfig, [*SMALL, "--train_path", str(shard_dir / "train"), "--save_path", str(save),
+                                     "--task_weighting", weighting, "--dwa_window", "1", "--task_weighting_lr", "0.05",
+                                     *extra])
+    return Trainer(cfg)
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in ckpt.unwrap(trainer.model).state_dict().items()}
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("weighting", ADAPTIVE)
+def test_accumulation_gives_the_weights_and_model_of_the_large_batch(weighting: str, shard_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 process x batch 4 and 1 x batch 2 with accumulation 2, 3 steps on the same global batches: the weights
+    agree to float summation order (rel 1e-6: every input of their update is a global-batch value), and so do the
+    models (see the tolerance below). BatchNorm runs on running statistics (BN_EVAL_ENV): with batch statistics a batch
+    of 4 and two of 2 are different functions."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv(BN_EVAL_ENV, "1")
+    results = []
+    for name, extra in (("big", ["--batch_size", "4"]), ("acc", ["--batch_size", "2",
+                                                                 "--gradient_accumulation_steps", "2"])):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        trainer = _trainer(shard_dir, tmp_path / name, weighting, "--num_iters", "3", *extra)
+        result = trainer.fit()
+        results.append((result, _params(trainer)))
+        del trainer
+    (big, big_params), (acc, acc_params) = results
+    assert big.task_weights is not None and big.task_weights.keys() == {"scene", "depth", "normals"}
+    assert acc.task_weights == pytest.approx(big.task_weights, rel=1e-6)
+    assert big.task_weights != {"scene": 3.0, "depth": 3.0, "normals": 30.0}  # they moved (DWA: at step 2)
+    assert acc.losses == pytest.approx(big.losses, rel=1e-5)
+    diffs = torch.cat([(acc_params[k].float() - big_params[k].float()).abs().reshape(-1) for k in big_params])
+    # Adam moves an entry by about lr * sign(g) whatever |g| is, so an entry whose gradient is at float-noise level
+    # may move the other way in one of the runs: at most 2 x lr per step for those, and few of them.
+    assert diffs.max().item() <= 3 * 2 * 1e-4, diffs.max().item()
+    assert (diffs > 1e-6).float().mean().item() < 0.01, (diffs > 1e-6).float().mean().item()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("weighting", ADAPTIVE)
+def test_a_step_without_depth_targets_leaves_the_depth_weight(weighting: str, shard_dir: Path,
+                                                              tmp_path: Path) -> None:
+    from rock_dist.data.pipeline import make_train_loader
+
+    trainer = _trainer(shard_dir, tmp_path, weighting, "--batch_size", "2", "--num_iters", "4")
+    stream = iter(make_train_loader(str(shard_dir / "train"), image_size=(128, 160), target_size=trainer.target_size,
+                                    batch_size=2, num_workers=0, seed=0, rank=0, world_size=1))
+    trainer._train_mode()
+    for step in (1, 2):  # DWA needs two window means before its weights move
+        trainer.train_step([next(stream)], step=step)
+    before = trainer.parts.weighting.weights()
+    batch = dict(next(stream))
+    batch["has_depth"] = torch.zeros_like(batch["has_depth"])
+    values = trainer.train_step([batch], step=3)
+    after = trainer.parts.weighting.weights()
+    assert values["loss_depth"] == 0.0 and values["weight_depth"] == before["depth"]
+    assert after["depth"] == before["depth"]
+    assert after["scene"] != before["scene"] or after["normals"] != before["normals"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_resume_continues_the_weights_bit_identically(shard_dir: Path, tmp_path: Path) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    straight = _trainer(shard_dir, tmp_path / "straight", "gradnorm", "--batch_size", "2", "--num_iters", "4").fit()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    _trainer(shard_dir, tmp_path / "first", "gradnorm", "--batch_size", "2", "--num_iters", "2",
+             "--model_save_freq", "2").fit()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    saved = dict(ckpt.periodic_checkpoints(tmp_path / "first"))[2]
+    assert ckpt.read_checkpoint(saved)["task_weighting"]["name"] == "gradnorm"
+    resumed = _trainer(shard_dir, tmp_path / "second", "gradnorm", "--batch_size", "2", "--num_iters", "4",
+                       "--checkpoint_path", str(saved)).fit()
+    assert resumed.task_weights == straight.task_weights
+    assert resumed.digest == straight.digest
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    from rock_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--task_weighting gradnorm"):
+        _trainer(shard_dir, tmp_path / "third", "uncertainty", "--batch_size", "2", "--num_iters", "4",
+                 "--checkpoint_path", str(saved))
+
+
+@pytest.mark.slow  # real 2-process launch
+def test_two_processes_hold_the_same_weights_as_one_process_with_the_whole_batch(
+        shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ROCK_DIST_", "ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", MAIN_PORT=str(port), **{RECORD_ENV: str(tmp_path / "rec"), BN_EVAL_ENV: "1"})
+    argv = [*SMALL, "--train_path", str(shard_dir / "train"), "--task_weighting", "gradnorm",
+            "--task_weighting_lr", "0.05", "--num_iters", "3"]
+    proc = subprocess.run([str(REPO / "launch" / "cpu_2proc.sh"), *argv, "--batch_size", "2",
+                           "--save_path", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert records[0]["task_weights"] == records[1]["task_weights"]  # identical on every rank, exactly
+    assert records[0]["digest"] == records[1]["digest"]
+    one = subprocess.run([sys.executable, "-m", "rock_dist.train", *argv, "--batch_size", "4", "--cpu",
+                          "--save_path", str(tmp_path / "one")],
+                         env={**env, RECORD_ENV: str(tmp_path / "rec1")}, capture_output=True, text=True,
+                         timeout=900, cwd=REPO)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    single = json.loads((tmp_path / "rec1" / "rank0.json").read_text())
+    assert single["world_size"] == 1
+    assert records[0]["task_weights"] == pytest.approx(single["task_weights"], rel=1e-6)
+    # The first loss is the same function of the same weights (float summation order aside); the later ones follow
+    # models that differ in the few noise-level entries Adam may move either way (see the accumulation test above).
+    assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-6)
+    assert records[0]["losses"] == pytest.approx(single["losses"], rel=1e-4)

@@ -300,13 +300,13 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
                         step: int, samples_seen: int, data_mode: str, world_size: int, batch_size: int,
                         gradient_accumulation_steps: int, rng_states: list[dict[str, Any]],
                         train_config: dict[str, Any], best_metric: float | None,
-                        best_step: int | None) -> dict[str, Any]:
+                        best_step: int | None, task_weighting: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dict a training checkpoint stores (all CPU, weights_only-loadable).
 
     Data position: `samples_seen` = the training stream's global position (samples all ranks had taken together,
     rock_dist.data.epoch_plan), with the `data_mode`, `world_size` and `batch_size` it was reached with.
     Checkpoints of earlier versions stored `batch_in_epoch` (micro-batches per rank) instead; `samples_seen_of`
-    converts.
+    converts. `task_weighting`: the adaptive auxiliary weights' state (engine.task_weighting; None: fixed weights).
     """
     return {
         "format": CHECKPOINT_FORMAT,
@@ -328,6 +328,7 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
         "train_config": train_config,
         "best_metric": best_metric,
         "best_step": best_step,
+        "task_weighting": task_weighting if task_weighting is not None else {"name": "fixed"},
     }
 
 

@@ -31,12 +31,14 @@ _ORDER = ("loss", "loss_det", "loss_loc", "loss_conf", "loss_scene", "loss_depth
 
 
 def format_losses(losses: Mapping[str, float]) -> str:
-    """`loss 3.21 det 2.10 loc 0.3 ...` (total first, then detection, then auxiliary; `loss_` prefix dropped)."""
+    """`loss 3.21 det 2.10 loc 0.3 ...` (total first, then detection, then auxiliary; `loss_` prefix dropped;
+    adaptive task weights as `w_scene 2.9 ...`)."""
     parts = []
     names = sorted(losses, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
     for name in names:
         value = losses[name]
         short = name[len("loss_"):] if name.startswith("loss_") else name
+        short = "w_" + short[len("weight_"):] if short.startswith("weight_") else short  # task weights
         parts.append(f"{short} {value:.4g}")
     return " ".join(parts)
 

@@ -51,23 +51,30 @@ def loss_ratios(counts: torch.Tensor, global_counts: torch.Tensor, num_micro_glo
     return out
 
 
+def reference_weights(loss_config: LossConfig) -> dict[str, float]:
+    """The fixed auxiliary weights of `loss_config` (the reference's 3 / 3 / 30 by default)."""
+    return {"scene": loss_config.scene_weight, "depth": loss_config.depth_weight,
+            "normals": loss_config.normals_weight}
+
+
 def normalized_losses(losses: Mapping[str, torch.Tensor], ratios: Mapping[str, float], tasks: Sequence[str],
-                      loss_config: LossConfig) -> dict[str, torch.Tensor]:
+                      loss_config: LossConfig, weights: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """The micro-batch's losses re-weighted for the global batch: "loss" (to back-propagate) and the components.
 
     Components are scaled by their ratio so that summing them over the step's micro-batches and ranks and
     dividing by M gives the global-batch value of each component (what the console and TensorBoard show).
+    `weights`: the auxiliary weights of this step (engine.task_weighting; None: the fixed ones of `loss_config`).
     """
     out: dict[str, torch.Tensor] = {}
     r_det = ratios["det"]
     for name in ("loss_loc", "loss_conf", "loss_det"):
         if name in losses:
             out[name] = losses[name] * r_det
-    weights = {"scene": loss_config.scene_weight, "depth": loss_config.depth_weight,
-               "normals": loss_config.normals_weight}
+    fixed = reference_weights(loss_config)
+    weights = fixed if weights is None else weights
     for task in tasks:
         out[f"loss_{task}"] = losses[f"loss_{task}"] * ratios[task]
-    if all(ratios[k] == 1.0 for k in ("det", *tasks)):
+    if all(ratios[k] == 1.0 for k in ("det", *tasks)) and all(weights[t] == fixed[t] for t in tasks):
         out["loss"] = losses["loss"]  # bit-identical to the criterion's own sum in the common case
     else:
         total = out["loss_det"]
@@ -77,4 +84,4 @@ def normalized_losses(losses: Mapping[str, torch.Tensor], ratios: Mapping[str, f
     return out
 
 
-__all__ = ["COUNT_KEYS", "micro_batch_counts", "loss_ratios", "normalized_losses"]
+__all__ = ["COUNT_KEYS", "micro_batch_counts", "loss_ratios", "reference_weights", "normalized_losses"]

@@ -26,7 +26,8 @@ from rock_dist.config import LossConfig
 from rock_dist.engine.distributed import all_reduce_sum, injected_fault
 from rock_dist.engine.fast_path import (Recipe, accelerate_precision, make_optimizer, maybe_compile,
                                         prepare_model_for_training, recipe_matcher)
-from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses
+from rock_dist.engine.normalization import COUNT_KEYS, loss_ratios, micro_batch_counts, normalized_losses
+from rock_dist.engine.task_weighting import TaskWeighting
 from rock_dist.engine.runtime import local_accelerator
 from rock_dist.errors import DataError, NonFiniteLossError
 from rock_dist.model.losses import Matcher
@@ -59,6 +60,7 @@ class StepParts:
     rank: int = 0
     faults: set[tuple[int, int | None]] = field(default_factory=set)  # engine.distributed's test-only fault hook
     advice: str = ""  # ends the non-finite loss error: where the last checkpoint is, what to try
+    weighting: TaskWeighting | None = None  # the auxiliary weights (None: the fixed ones of loss_config)
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +143,12 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
     global_counts = _sum_over_ranks(parts, torch.stack(counts).sum(0).to(parts.device)).cpu()
     num_micro_global = k * parts.world_size
     lr = parts.optimizer.param_groups[0]["lr"]
+    weighting = parts.weighting
+    weights = weighting.weights() if weighting is not None else None
+    shared = shared_layer_parameters(parts.model) if weighting is not None and weighting.needs_gradient_norms \
+        else []
+    task_grads = {t: torch.zeros(sum(p.numel() for p in shared), device=parts.device) for t in parts.tasks} \
+        if shared else {}
 
     sums: dict[str, torch.Tensor] = {}
     nonfinite = torch.zeros((), device=parts.device)
@@ -151,7 +159,13 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
             outputs = parts.model(prepared["images"])
             raw = parts.criterion(outputs, prepared)
             losses = normalized_losses(raw, loss_ratios(count, global_counts, num_micro_global), parts.tasks,
-                                       parts.loss_config)
+                                       parts.loss_config, weights)
+            for task, accumulated in task_grads.items():
+                # GradNorm: this micro-batch's share of ∇_W L_t on the shared layer; summed over micro-batches and
+                # ranks (with the loss components' all-reduce) and divided by M it is the global batch's gradient.
+                grads = torch.autograd.grad(losses[f"loss_{task}"], shared, retain_graph=True, allow_unused=True)
+                accumulated += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                                          for g, p in zip(grads, shared)])
             loss = losses["loss"]
             if inject:
                 loss = losses["loss"] = loss * float("nan")
@@ -166,8 +180,9 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
     names = sorted(sums)
     flags = torch.zeros(parts.world_size, device=parts.device)
     flags[parts.rank] = nonfinite
-    packed = torch.cat([torch.stack([sums[n] for n in names]), flags])
-    reduced = _sum_over_ranks(parts, packed).tolist()  # also the step's host synchronisation point
+    packed = torch.cat([torch.stack([sums[n] for n in names]), flags, *task_grads.values()])
+    reduced_all = _sum_over_ranks(parts, packed)
+    reduced = reduced_all[:len(names) + parts.world_size].tolist()  # also the step's host synchronisation point
     bad_ranks = [r for r, f in enumerate(reduced[len(names):]) if f > 0]
     if bad_ranks:
         parts.optimizer.zero_grad(set_to_none=True)
@@ -186,7 +201,28 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
         parts.scheduler.step()  # exactly once per global iteration, on every rank
     parts.optimizer.zero_grad(set_to_none=True)
     values["lr"] = lr
+    if weighting is not None and weights is not None:
+        present = {t: float(global_counts[COUNT_KEYS.index(t)]) > 0 for t in parts.tasks}
+        norms = None
+        if task_grads:
+            global_grads = reduced_all[len(names) + parts.world_size:].view(len(task_grads), -1) / num_micro_global
+            norms = dict(zip(task_grads, global_grads.double().norm(dim=1).tolist()))
+        weighting.update({t: values[f"loss_{t}"] for t in parts.tasks}, present, norms)
+        values.update({f"weight_{t}": w for t, w in weights.items()})  # the weights this step used
     return values
 
 
-__all__ = ["DEFAULT_LR", "DEFAULT_WEIGHT_DECAY", "StepParts", "build_step_parts", "recipe_step_parts", "train_step"]
+def shared_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """GradNorm's W: the affine parameters of the shared ROCK encoder's last layer (its BatchNorm; the ReLU after
+    it has none) — the last parameters every auxiliary task's gradient passes through."""
+    from rock_dist.engine.checkpoint import unwrap
+
+    rock = getattr(unwrap(model), "rock", None)
+    if rock is None:
+        raise ValueError("GradNorm needs the ROCK block (a model trained with auxiliary tasks)")
+    last_bn = [m for m in rock.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][-1]
+    return [last_bn.weight, last_bn.bias]
+
+
+__all__ = ["DEFAULT_LR", "DEFAULT_WEIGHT_DECAY", "StepParts", "build_step_parts", "recipe_step_parts", "train_step",
+           "shared_layer_parameters"]

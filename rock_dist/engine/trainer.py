@@ -62,11 +62,16 @@ from rock_dist.engine.fast_path import training_recipe
 from rock_dist.engine.runtime import (Runtime, capture_rng_state, make_accelerator, resolve_runtime,
                                       restore_rng_state, seed_everything)
 from rock_dist.engine.step import StepParts, build_step_parts, train_step
+from rock_dist.engine.normalization import reference_weights
+from rock_dist.engine.task_weighting import build_task_weighting
 from rock_dist.engine.tensorboard import TBLogger, eval_metric_scalars, prediction_pictures
 from rock_dist.errors import CheckpointError, ConfigError, DataError, Preempted, RockError
 from rock_dist.fsutil import atomic_write_json
 
 RECORD_ENV = "ROCK_DIST_RECORD_DIR"
+# Test hook: every BatchNorm normalises with its running statistics, so that one batch of 4, two micro-batches of 2
+# and two ranks with 2 each compute the same function (batch statistics would differ) and can be compared exactly.
+BN_EVAL_ENV = "ROCK_DIST_TEST_BN_EVAL"
 # Architecture fields that must agree between a checkpoint and the flags of the run resuming it.
 _ARCH_FIELDS = ("backbone", "no_rock", "aux_tasks", "image_size", "num_classes", "num_scenes")
 
@@ -92,6 +97,7 @@ class TrainResult:
     metrics: dict[str, Any] | None = None  # last validation metrics
     best_metric: float | None = None
     digest: str = ""  # SHA-256 of this rank's final weights and buffers
+    task_weights: dict[str, float] | None = None  # the adaptive auxiliary weights after the last step
 
 
 def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
@@ -198,6 +204,12 @@ class Trainer:
         self.parts: StepParts = build_step_parts(
             model, criterion, self.recipe, acc, loss_config=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
             clip_grad_norm=cfg.clip_grad_norm, lr_lambda=self.lr_factor)
+        w = cfg.weighting
+        weighting = build_task_weighting(
+            w.task_weighting, self.model_config.tasks, reference_weights(cfg.loss), lr=w.task_weighting_lr,
+            dwa_temperature=w.dwa_temperature, dwa_window=w.dwa_window, gradnorm_alpha=w.gradnorm_alpha)
+        # Fixed weights need no per-step bookkeeping (and keep the criterion's own total, bit for bit).
+        self.parts.weighting = weighting if w.task_weighting != "fixed" else None
         self.parts.faults = parse_fault_spec(os.environ.get(FAULT_ENV))
         self.parts.advice = (f" The last checkpoint in {cfg.save_path} is from before this iteration. Try a lower "
                              "--lr, --clip_grad_norm, or --mixed_precision no.")
@@ -224,6 +236,13 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.parts.model
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if os.environ.get(BN_EVAL_ENV) == "1":
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -278,6 +297,12 @@ class Trainer:
             scaler.load_state_dict(data["scaler"])
         step = int(data["step"])
         self._apply_schedule_at(step)
+        stored = data.get("task_weighting") or {"name": "fixed"}  # checkpoints from before task weighting: fixed
+        if stored.get("name") != cfg.weighting.task_weighting:
+            raise ConfigError(f"--checkpoint_path: it was trained with --task_weighting {stored.get('name')} but this "
+                              f"run has {cfg.weighting.task_weighting}; use the same weighting to resume")
+        if self.parts.weighting is not None:
+            self.parts.weighting.load_state_dict(stored)
         same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == cfg.data.batch_size)
         # The data position is global, so it carries over to another process count or batch size; whether the
         # stream can start exactly there depends on the data mode (see _resume_message).
@@ -413,7 +438,7 @@ class Trainer:
                     first = self._open_stream_checked()
                     if resumed:
                         console.always(self._resume_message())
-                    self.model.train()
+                    self._train_mode()
                     self._loop(first, console, tb, result, record_ids)
                 broadcast_buffers(ckpt.unwrap(self.model))  # identical final weights on every rank
                 if self.val_manifest is not None and result.metrics is None:
@@ -431,6 +456,8 @@ class Trainer:
         result.best_metric = st.best_metric
         unwrapped = ckpt.unwrap(self.model)
         result.digest = state_digest(list(unwrapped.state_dict().items()))
+        if self.parts.weighting is not None:
+            result.task_weights = self.parts.weighting.weights()
         summary = f"done: {st.step} iterations"
         if result.metrics is not None:
             summary += f", val AP {100 * result.metrics['AP']:.2f} AP50 {100 * result.metrics['AP50']:.2f}"
@@ -497,7 +524,7 @@ class Trainer:
             for name, value in values.items():
                 window[name] = window.get(name, 0.0) + value
             window_steps += 1
-            shown = {n: window[n] / window_steps for n in window if n.startswith("loss")}
+            shown = {n: window[n] / window_steps for n in window if n.startswith(("loss", "weight_"))}
             console.update(st.step, shown, values["lr"], 1.0 / smooth_dt, self.global_batch / smooth_dt)
 
             if st.step % max(1, cfg.train_eval_freq) == 0 or st.step == cfg.num_iters:
@@ -618,7 +645,7 @@ class Trainer:
             metrics = evaluate(self.model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
                                class_names=self.class_names, expected_images=self.val_manifest.num_samples,
                                progress=progress.advance)
-        self.model.train()
+        self._train_mode()
         tb.scalars(eval_metric_scalars(metrics), self.state.step, prefix="val/")
         console.print(f"step {self.state.step}: val AP {100 * metrics['AP']:.2f} AP50 {100 * metrics['AP50']:.2f} "
                       f"({metrics.get('num_images', '?')} images)")
@@ -646,7 +673,8 @@ class Trainer:
             data_mode=getattr(self._stream, "mode", self.cfg.data.data_mode), world_size=self.world_size,
             batch_size=self.cfg.data.batch_size,
             gradient_accumulation_steps=self.cfg.gradient_accumulation_steps, rng_states=rng_states,
-            train_config=to_dict(self.cfg), best_metric=st.best_metric, best_step=st.best_step)
+            train_config=to_dict(self.cfg), best_metric=st.best_metric, best_step=st.best_step,
+            task_weighting=self.parts.weighting.state_dict() if self.parts.weighting is not None else None)
 
     def _save_checkpoint(self, console: TrainConsole) -> None:
         state = self._checkpoint_state()
@@ -679,7 +707,7 @@ class Trainer:
             "rank": self.rank, "world_size": self.world_size, "distributed_type": str(acc.distributed_type.value),
             "device": str(self.device), "mixed_precision": self.runtime.mixed_precision,
             "local_process_index": acc.local_process_index, "step": result.step, "losses": result.losses,
-            "lrs": result.lrs, "image_ids": record_ids, "digest": result.digest,
+            "lrs": result.lrs, "image_ids": record_ids, "digest": result.digest, "task_weights": result.task_weights,
             "final_weights": str(result.final_weights) if result.final_weights else None,
         })
 
@@ -689,4 +717,4 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).fit()
 
 
-__all__ = ["TrainState", "TrainResult", "Trainer", "train", "dataset_vocabulary", "RECORD_ENV"]
+__all__ = ["TrainState", "TrainResult", "Trainer", "train", "dataset_vocabulary", "RECORD_ENV", "BN_EVAL_ENV"]

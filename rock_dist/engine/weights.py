@@ -50,7 +50,7 @@ def training_provenance(train_config: Any | None, iterations: int | None) -> dic
     """Who made the weights: rock_dist and torch versions, date (UTC), the writing process's command line, the
     iterations trained and the full training configuration (None for weights saved outside a training run)."""
     import rock_dist
-    from rock_dist.cli import command_line
+    from rock_dist.invocation import command_line
 
     return {"rock_dist_version": rock_dist.__version__, "torch_version": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
