@@ -483,6 +483,9 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 
 def validate(config: Any) -> None:
     """Cross-field checks that argparse cannot express; raises ValueError with the flag named."""
+    if isinstance(config, QuickstartConfig) and config.compare_weightings and (config.compare or config.no_rock):
+        raise ValueError("--compare_weightings trains ROCK four times; it cannot be combined with --compare or "
+                         "--no_rock")
     model = getattr(config, "model", None)
     if isinstance(model, ModelConfig):
         h, w = model.image_size
@@ -722,6 +725,10 @@ class QuickstartConfig:
     num_processes: int = opt("Training processes (0: one per GPU, or 1 on CPU).", 0)
     no_rock: bool = opt("Train the baseline SSD instead of ROCK.", False)
     compare: bool = opt("Train the baseline SSD and ROCK with the same budget and print a comparison table.", False)
+    task_weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = opt(
+        "Auxiliary task weighting of the ROCK run (see rock_dist.train --help).", "fixed")
+    compare_weightings: bool = opt("Train ROCK once per task weighting (fixed, uncertainty, dwa, gradnorm) with the "
+                                   "same budget and print a table of test metrics and the final weights.", False)
     seed: int = opt("Seed for rendering, shuffling and initialisation.", 0)
 
 

@@ -28,7 +28,8 @@ from rock_dist.cli import run_cli
 from rock_dist.config import QuickstartConfig, parse_config
 from rock_dist.errors import ConfigError, RockError
 
-console = Console(highlight=False)
+# Logs and pipes get 132 columns (Rich's 80 would cut the comparison tables' names short); terminals their own width.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 _STEP_SECONDS: dict[str, float] = {}  # wall time of each step of this run, for the closing summary
 
 
@@ -60,6 +61,7 @@ class RunOutputs:
     metrics: Path
     tensorboard: Path
     train_seconds: float
+    task_weighting: str = "fixed"
 
 
 def _run(step: str, args: Sequence[str], env: dict[str, str] | None = None) -> float:
@@ -117,7 +119,7 @@ def _layout(gpus: int, num_processes: int) -> list[str]:
 
 
 def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_rock: bool, shards: Path,
-                        work: Path) -> RunOutputs:
+                        work: Path, task_weighting: str = "fixed") -> RunOutputs:
     run_dir = work / "runs" / name
     checkpoints = run_dir / "checkpoints"
     tensorboard = run_dir / "tensorboard"
@@ -136,6 +138,9 @@ def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_r
                    cfg.color_jitter, *run.speed_flags]
     if no_rock:
         model_flags.append("--no_rock")
+    else:
+        # DWA's windows stand for the paper's epochs: about ten of them over the run.
+        model_flags += ["--task_weighting", task_weighting, "--dwa_window", str(max(num_iters // 10, 1))]
     env = {"ACCELERATE_USE_CPU": "1"} if cfg.num_processes > 1 and not _has_cuda() else None
     seconds = _run(f"train {name}", [
         *_launcher(cfg.num_processes), "--train_path", str(shards / "train"), "--val_path", str(shards / "val"),
@@ -151,7 +156,7 @@ def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_r
     eval_flags = ["--no_rock"] if no_rock else []
     _run(f"evaluate {name}", [sys.executable, "-m", "rock_dist.evaluate", str(weights), "--test_path",
                               str(shards / "test"), "--coco_json_save_path", str(eval_dir), *eval_flags])
-    return RunOutputs(name, weights, checkpoints, eval_dir / "metrics.json", tensorboard, seconds)
+    return RunOutputs(name, weights, checkpoints, eval_dir / "metrics.json", tensorboard, seconds, task_weighting)
 
 
 def _tier_model_config(cfg: QuickstartConfig, image_size: tuple[int, int]) -> Any:
@@ -231,10 +236,28 @@ def _metrics(path: Path) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
-def _comparison_table(runs: Sequence[RunOutputs]) -> Table:
-    table = Table(title="baseline SSD vs ROCK, same budget")
-    for column in ("model", "AP@[.5:.95]", "AP@.5", "scene acc", "depth abs-rel", "normals mean°", "train s"):
-        table.add_column(column, justify="right" if column != "model" else "left")
+def _final_task_weights(run: RunOutputs) -> dict[str, float]:
+    """The auxiliary weights a run ended with (its last checkpoint's task-weighting state)."""
+    from rock_dist.config import LossConfig
+    from rock_dist.engine import checkpoint as ckpt
+    from rock_dist.engine.normalization import reference_weights
+    from rock_dist.engine.task_weighting import build_task_weighting
+
+    step, path = max(ckpt.periodic_checkpoints(run.checkpoints))
+    state = ckpt.read_checkpoint(path).get("task_weighting") or {"name": "fixed"}
+    tasks = ("scene", "depth", "normals")
+    weighting = build_task_weighting(state["name"], tasks, reference_weights(LossConfig()))
+    weighting.load_state_dict(state)
+    return weighting.weights()
+
+
+def _comparison_table(runs: Sequence[RunOutputs], title: str, weights: bool = False) -> Table:
+    table = Table(title=title)
+    columns = ["model", "AP@[.5:.95]", "AP@.5", "scene acc", "depth abs-rel", "normals mean°", "train s"]
+    for column in columns + (["final w scene / depth / normals"] if weights else []):
+        # Names and weights whole; the numeric headers may wrap on a narrow console.
+        table.add_column(column, justify="right" if column != "model" else "left",
+                         no_wrap=column == "model" or column.startswith("final"))
     for run in runs:
         m = _metrics(run.metrics)
 
@@ -242,8 +265,12 @@ def _comparison_table(runs: Sequence[RunOutputs]) -> Table:
             value = m.get(key)
             return "—" if value is None else f"{value * scale:.{digits}f}"
 
-        table.add_row(run.name, fmt("AP", 100), fmt("AP50", 100), fmt("scene_accuracy", 100),
-                      fmt("depth_abs_rel", 1, 3), fmt("normals_mean"), f"{run.train_seconds:.0f}")
+        row = [run.name, fmt("AP", 100), fmt("AP50", 100), fmt("scene_accuracy", 100), fmt("depth_abs_rel", 1, 3),
+               fmt("normals_mean"), f"{run.train_seconds:.0f}"]
+        if weights:
+            final = _final_task_weights(run)
+            row.append(" / ".join(f"{final[t]:.3g}" for t in ("scene", "depth", "normals")))
+        table.add_row(*row)
     return table
 
 
@@ -278,12 +305,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rock_dist.data.manifest import load_manifest
 
-    variants = [("ssd", True), ("rock", False)] if cfg.compare else [("ssd" if cfg.no_rock else "rock", cfg.no_rock)]
-    # The budget covers one training; --compare trains each variant with the same plan (about twice the time).
+    if cfg.compare_weightings:
+        variants = [(f"rock {w}", False, w) for w in ("fixed", "uncertainty", "dwa", "gradnorm")]
+    elif cfg.compare:
+        variants = [("ssd", True, "fixed"), ("rock", False, cfg.task_weighting)]
+    else:
+        variants = [("ssd" if cfg.no_rock else "rock", cfg.no_rock, cfg.task_weighting)]
+    # The budget covers one training; the comparisons train each variant with the same plan (2x or 4x the time).
     eval_images = load_manifest(shards / "val").num_samples + 2 * load_manifest(shards / "test").num_samples
     run = resolve_run(cfg, start + cfg.time_budget, eval_images)
-    runs = [_train_and_evaluate(cfg, run, name, no_rock, shards, work) for name, no_rock in variants]
-    main_run = runs[-1]
+    runs = [_train_and_evaluate(cfg, run, name.replace(" ", "_"), no_rock, shards, work, weighting)
+            for name, no_rock, weighting in variants]
+    main_run = runs[0] if cfg.compare_weightings else runs[-1]
 
     images = work / "test_images"
     pictures = work / "detections"
@@ -291,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 str(shards / "test"), "--save_path", str(images)])
     detect = [sys.executable, "-m", "rock_dist.detect", str(main_run.weights), "--image_path", str(images),
               "--detection_output_path", str(pictures / "boxes")]
-    if main_run.name == "rock":
+    if main_run.name.startswith("rock"):
         detect += ["--scene_output_path", str(pictures / "scene"), "--depth_output_path", str(pictures / "depth"),
                    "--normals_output_path", str(pictures / "normals")]
     else:
@@ -299,8 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _run("draw detections", detect)
 
     console.rule("[bold green]done")
-    if cfg.compare:
-        console.print(_comparison_table(runs))
+    if cfg.compare_weightings:
+        console.print(_comparison_table(runs, "ROCK task weightings, same budget", weights=True))
+    elif cfg.compare:
+        console.print(_comparison_table(runs, "baseline SSD vs ROCK, same budget"))
     m = _metrics(main_run.metrics)
     total = time.perf_counter() - start
     budget = "" if cfg.num_iters > 0 else f" (budget {cfg.time_budget:.0f} s)"

@@ -73,3 +73,20 @@ def test_rooms_are_rendered_with_the_quickstart_difficulty_flags(monkeypatch, tm
 
     rooms = parse_config(RoomsConfig, ["--out", "x", *render[render.index("--min_object_area"):]])
     assert (rooms.min_object_area, rooms.camera_distance) == (0.05, 1.2)
+
+
+@pytest.mark.slow  # four tiny trainings end to end
+def test_compare_weightings_trains_each_weighting_and_tabulates_their_final_weights(tmp_path, capsys) -> None:
+    assert quickstart.main(["--workdir", str(tmp_path), "--num_images", "40", "--render_size", "48", "64",
+                            "--num_iters", "3", "--image_size", "64", "64", "--batch_size", "2", "--lr", "0.0002",
+                            "--compare_weightings"]) == 0
+    out = capsys.readouterr().out
+    assert "ROCK task weightings, same budget" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ rock_")}
+    assert sorted(rows) == ["rock_dwa", "rock_fixed", "rock_gradnorm", "rock_uncertainty"]
+    assert rows["rock_fixed"].rstrip(" │").endswith("3 / 3 / 30")  # fixed weights stay the reference's
+    assert not rows["rock_uncertainty"].rstrip(" │").endswith("3 / 3 / 30")  # learned ones moved
+    for name in rows:
+        assert (tmp_path / "runs" / name / "eval" / "metrics.json").is_file()
+    with pytest.raises(SystemExit):
+        parse_config(QuickstartConfig, ["--compare_weightings", "--no_rock"])

@@ -64,7 +64,15 @@ class SSDHead(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = [x]
         for layer in self.extra_layers:
-            maps.append(layer(maps[-1]))
+            previous = maps[-1]
+            if min(previous.shape[-2:]) <= 1 and previous.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # A map one pixel high or wide goes through the next layer in float32: oneDNN's bf16 3x3 stride-2
+                # convolution of a 1x1 channels_last map returned NaN in about one CPU run in four (torch 2.14, Xeon
+                # with AMX; docs/performance.md). Such maps hold a few hundred numbers, so this costs nothing.
+                with torch.autocast("cpu", enabled=False):
+                    maps.append(layer(previous.float()))
+                continue
+            maps.append(layer(previous))
         b = x.shape[0]
         # reshape (not view): under channels_last the head outputs are not contiguous in this layout.
         locs = [head(m).reshape(b, 4, -1) for head, m in zip(self.loc, maps)]
