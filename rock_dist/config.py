@@ -157,6 +157,14 @@ class TrainConfig:
                                                  "--num_iters (the milestones are then unused).", "step",
                                                  group="optimisation")
     warmup_iters: int = opt("Linear LR warmup over this many first iterations (0: none).", 0, group="optimisation")
+    ema_decay: float = opt("Keep an exponential moving average of the weights with this decay (0: off; e.g. "
+                           "0.9998): updated after every optimizer step, validated beside the raw weights (val_ema/), "
+                           "saved in checkpoints and as weights_final_ema.pt (docs/training.md).", 0.0,
+                           group="optimisation")
+    early_stopping_patience: int = opt("Stop when val AP@[.5:.95] has not improved for this many validations in a "
+                                       "row (0: off; needs --val_eval_freq and a val split). Final weights and a "
+                                       "checkpoint are written at the stopping iteration.", 0,
+                                       group="optimisation")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("Autocast precision; 'auto' = bf16 on GPUs "
                                                                  "that support it, else no.", "auto",
                                                                  group="precision and performance")
@@ -164,11 +172,21 @@ class TrainConfig:
     clip_grad_norm: float = opt("Clip the global gradient norm to this value (0 disables).", 0.0, group="optimisation")
     seed: int = opt("Seed for model init, shard shuffling and augmentation.", 0, group="optimisation")
 
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow", "none"], ...] = opt(
+        "Experiment trackers that get the run's flags, losses, val metrics and pictures, through Accelerate's "
+        "tracker API (several allowed; 'none' for no tracker). wandb and mlflow are optional installs: "
+        "pip install 'rock_dist[wandb]' or 'rock_dist[mlflow]'.", ("tensorboard",), group="logging and checkpoints")
     writer_path: str = opt("TensorBoard log directory ('auto': SAVE_PATH/tensorboard, so that each run's logs stay "
                            "with its checkpoints; empty disables).", "auto", group="logging and checkpoints")
+    tracker_project: str = opt("Project name of the W&B run and experiment name of the MLflow run.", "rock_dist",
+                               group="logging and checkpoints")
+    mlflow_tracking_uri: str = opt("Where --report_to mlflow logs ('auto': $MLFLOW_TRACKING_URI when set, else a "
+                                   "local file store in SAVE_PATH/mlruns).", "auto", group="logging and checkpoints")
     save_path: str = opt("Directory for checkpoints and the final weights.", "checkpoints",
                          group="logging and checkpoints")
-    checkpoint_path: str = opt("Checkpoint to resume from (empty: start fresh).", "", group="logging and checkpoints")
+    checkpoint_path: str = opt("Checkpoint to resume from: a file, a directory (its newest periodic checkpoint; "
+                               "none there: start fresh), or 'auto' (the newest checkpoint in --save_path, fresh "
+                               "start if none). Empty: start fresh.", "", group="logging and checkpoints")
     coco_json_save_path: str = opt("Directory for COCO ground-truth/detection JSON of periodic evaluations "
                                    "('auto': SAVE_PATH/coco; empty disables).", "auto", group="logging and checkpoints")
     save_best_on_val: bool = opt("Keep the checkpoint with the best validation AP@[.5:.95].", False,
@@ -176,8 +194,8 @@ class TrainConfig:
     val_eval_freq: int = opt("Evaluate on the val split every N iterations (0: only at the end).", 0,
                              group="logging and checkpoints")
     train_eval_freq: int = opt("Log averaged training losses every N iterations.", 50, group="logging and checkpoints")
-    image_to_tb_freq: int = opt("Write prediction images to TensorBoard every N iterations (0 disables).", 1000,
-                                group="logging and checkpoints")
+    image_to_tb_freq: int = opt("Send pictures of predictions (boxes, depth, normals, scene) to the trackers every "
+                                "N iterations (0 disables).", 1000, group="logging and checkpoints")
     model_save_freq: int = opt("Save a checkpoint every N iterations (0: only at the end).", 5000,
                                group="logging and checkpoints")
     keep_checkpoints: int = opt("How many periodic checkpoints to keep.", 3, group="logging and checkpoints")
@@ -523,6 +541,15 @@ def validate(config: Any) -> None:
         for flag, value, ok, rule in checks:
             if not ok or value != value:  # value != value: NaN
                 raise ValueError(f"{flag} {value}: {rule}")
+        if not 0 <= config.ema_decay < 1 or config.ema_decay != config.ema_decay:
+            raise ValueError(f"--ema_decay {config.ema_decay}: must be 0 (off) or more, and below 1")
+        if config.early_stopping_patience < 0:
+            raise ValueError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
+        if config.early_stopping_patience and not config.val_eval_freq:
+            raise ValueError(f"--early_stopping_patience {config.early_stopping_patience} counts validations during "
+                             "training: give --val_eval_freq N as well")
+        if "none" in config.report_to and len(set(config.report_to)) > 1:
+            raise ValueError(f"--report_to {' '.join(config.report_to)}: 'none' cannot be combined with trackers")
         weighting = config.weighting
         for flag, value, ok, rule in (
                 ("--task_weighting_lr", weighting.task_weighting_lr, weighting.task_weighting_lr > 0,

@@ -116,6 +116,10 @@ def test_rotation_keeps_last_k(tmp_path: Path) -> None:
     assert ckpt.resolve_resume_path(tmp_path) == manager.path_for(25)
     (tmp_path / "empty").mkdir()
     assert ckpt.resolve_resume_path(tmp_path / "empty") is None
+    # --checkpoint_path auto: the same in the run's save directory, which need not exist yet.
+    assert ckpt.resolve_resume_path("auto", tmp_path) == manager.path_for(25)
+    assert ckpt.resolve_resume_path("auto", tmp_path / "empty") is None
+    assert ckpt.resolve_resume_path("auto", tmp_path / "not_yet") is None
     with pytest.raises(DataError, match="no such file"):
         ckpt.resolve_resume_path(tmp_path / "nope.pt")
 
@@ -138,6 +142,7 @@ def test_interrupted_save_keeps_last_complete_checkpoint(tmp_path: Path, monkeyp
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == [manager.path_for(1).name]
     assert ckpt.resolve_resume_path(tmp_path) == manager.path_for(1)
+    assert ckpt.resolve_resume_path("auto", tmp_path) == manager.path_for(1)
     assert torch.equal(ckpt.read_checkpoint(manager.path_for(1))["model"]["w"], torch.ones(10))
 
 

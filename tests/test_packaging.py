@@ -55,6 +55,10 @@ def test_dependencies_are_ranges_with_lower_bounds() -> None:
     assert "safetensors" in declared
     assert {"onnx", "onnxscript", "onnxruntime"} <= set(_declared("export")) - set(_declared())
     assert {"onnx", "onnxscript", "onnxruntime"} <= set(_declared("test"))  # CI runs the export tests
+    # The trackers beyond TensorBoard are extras, off unless asked; CI checks a real MLflow store.
+    assert {"wandb"} == set(_declared("wandb")) - set(_declared())
+    assert {"mlflow-skinny"} == set(_declared("mlflow")) - set(_declared()) and "mlflow-skinny" in _declared("test")
+    assert not {"wandb", "mlflow", "mlflow-skinny"} & set(_declared())
 
 
 def test_constraints_pin_every_declared_dependency_inside_its_range() -> None:

@@ -2,7 +2,8 @@
 
 Covers: the world size is asserted (2 or 4 processes really joined one group), ranks train on disjoint samples,
 parameters end identical on every rank (with gradient accumulation under DDP), the LR schedule counts global
-iterations, a non-finite loss on one rank stops both at the same step with no checkpoint after it, a rank without
+iterations, a non-finite loss on one rank stops both at the same step with no checkpoint after it, early stopping
+stops both at the same step (EMA weights identical on both, TensorBoard written by rank 0 only), a rank without
 data error met by one rank only stops all of them before training instead of hanging, any world size trains on a
 one-shard split with every image once per epoch, a mid-epoch resume is bit-identical with the same layout and
 continues the data exactly in 1 process, a checkpoint written by 2 processes resumes in 1, a two-machine
@@ -135,6 +136,33 @@ def test_nonfinite_loss_stops_both_ranks(one_per_shard: Path, tmp_path: Path) ->
     assert [s for s, _ in ckpt.periodic_checkpoints(save)] == [1]  # nothing written at or after iteration 2
     assert not (save / ckpt.FINAL_WEIGHTS_NAME).exists()
     assert not [p for p in save.iterdir() if p.name.startswith(".")]  # no half-written temporary file
+
+
+@pytest.mark.slow  # real multi-process launch: CI runs it, `-m "not slow"` skips it
+def test_early_stopping_ema_and_trackers_agree_across_ranks(one_per_shard: Path, tmp_path: Path) -> None:
+    """2 ranks with --early_stopping_patience 1, --ema_decay and TensorBoard. A network that does not change (lr
+    1e-12, every BatchNorm on its running statistics by the test hook) has the same val AP at every validation, so
+    both ranks stop together at iteration 2, with a checkpoint and the final weights there; their EMA weights are
+    identical; only the main process wrote TensorBoard files."""
+    record, save, tb = tmp_path / "record", tmp_path / "ckpt", tmp_path / "tb"
+    cmd = [str(LAUNCH / "cpu_2proc.sh"), "--train_path", str(one_per_shard / "train"),
+           "--val_path", str(one_per_shard / "val"), *SMALL, "--num_iters", "6", "--lr", "1e-12",
+           "--val_eval_freq", "1", "--early_stopping_patience", "1", "--ema_decay", "0.5", "--model_save_freq", "0",
+           "--report_to", "tensorboard", "--writer_path", str(tb), "--save_path", str(save)]
+    proc = subprocess.run(cmd, env=_env(ROCK_DIST_RECORD_DIR=str(record), ROCK_DIST_TEST_BN_EVAL="1",
+                                        MAIN_PORT=str(_free_port())), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = _records(record)
+    assert all(r["world_size"] == 2 and r["step"] == 2 and r["early_stopped"] for r in recs), recs
+    assert recs[0]["losses"] == recs[1]["losses"] and len(recs[0]["losses"]) == 2
+    assert recs[0]["ema_digest"] and recs[0]["ema_digest"] == recs[1]["ema_digest"]
+    assert recs[0]["ema_digest"] != recs[0]["digest"] and recs[0]["digest"] == recs[1]["digest"]
+    assert proc.stdout.count("early stopping: val AP has not improved for 1 validation(s)") == 1  # main's console
+    assert "stopping at iteration 2 of 6" in proc.stdout
+    assert [s for s, _ in ckpt.periodic_checkpoints(save)] == [2]
+    assert (save / ckpt.FINAL_WEIGHTS_NAME).is_file() and (save / ckpt.FINAL_EMA_WEIGHTS_NAME).is_file()
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
 
 
 @pytest.fixture(scope="module")

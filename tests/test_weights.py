@@ -157,7 +157,8 @@ def test_broken_pairs_are_one_clear_error(tiny_model: tuple[torch.nn.Module, Mod
 
 
 def test_temporary_files_of_interrupted_pair_writes_are_removed(tmp_path: Path) -> None:
-    ours = [".weights_final.safetensors.k2j4x9.tmp", ".weights_final.json.abc.tmp", ".weights_final.pt.x.tmp"]
+    ours = [".weights_final.safetensors.k2j4x9.tmp", ".weights_final.json.abc.tmp", ".weights_final.pt.x.tmp",
+            ".weights_final_ema.pt.y.tmp", ".weights_final_ema.safetensors.z.tmp"]
     for name in [*ours, "weights_final.json.tmp"]:  # the last: not our pattern, kept
         (tmp_path / name).write_bytes(b"\0" * 10)
     assert sorted(name for name, _ in ckpt.remove_stale_temps(tmp_path)) == sorted(ours)

@@ -6,7 +6,8 @@ Two kinds of file (docs/training.md):
   the end of training as NAME.pt and, with the same description, as NAME.safetensors + NAME.json
   (`engine.weights`, docs/weights.md);
 - training checkpoint (`CheckpointManager.save`): the same keys with format "rock_dist-checkpoint" plus optimizer,
-  scheduler, grad-scaler, step, data position, per-rank RNG states, the training config and the best val metric.
+  scheduler, grad-scaler, step, data position, per-rank RNG states, the training config, the best val metric and
+  the early-stopping count, and the EMA weights with --ema_decay.
 
 Everything stored is CPU tensors and plain Python values with no wrapper prefixes (`module.` from DDP, `_orig_mod.`
 from torch.compile), so any file loads with `torch.load(weights_only=True, map_location=...)` into 1 or N processes,
@@ -40,8 +41,11 @@ _PREFIXES = ("module.", "_orig_mod.")
 _PERIODIC = re.compile(r"^checkpoint_step(\d+)\.pt$")
 BEST_NAME = "checkpoint_best.pt"
 FINAL_WEIGHTS_NAME = "weights_final.pt"
+FINAL_EMA_WEIGHTS_NAME = "weights_final_ema.pt"  # --ema_decay: the averaged weights, beside the raw ones
+AUTO_RESUME = "auto"  # --checkpoint_path auto: the newest checkpoint in --save_path
 # fsutil.atomic_path's temporary names for the files above: `.{final name}.{random}.tmp`.
-_TEMP = re.compile(r"^\.(checkpoint_step\d+\.pt|checkpoint_best\.pt|weights_final\.(pt|safetensors|json))\..+\.tmp$")
+_TEMP = re.compile(r"^\.(checkpoint_step\d+\.pt|checkpoint_best\.pt|weights_final(_ema)?\.(pt|safetensors|json))"
+                   r"\..+\.tmp$")
 _SPACE_MARGIN = 1.05  # pickling adds a little to the tensor bytes
 
 
@@ -198,9 +202,16 @@ def periodic_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume_path(path: str | Path) -> Path | None:
+def resolve_resume_path(path: str | Path, save_path: str | Path | None = None) -> Path | None:
     """`--checkpoint_path` as a file, or a directory meaning "its newest periodic checkpoint" (None if it has none,
-    so a requeued job with an empty save directory starts fresh)."""
+    so a requeued job with an empty save directory starts fresh), or `auto`: the same in `save_path`, which need not
+    exist yet. The newest is the latest complete one: every checkpoint is written under a temporary name and renamed
+    when complete."""
+    if str(path) == AUTO_RESUME:
+        if save_path is None:
+            raise ValueError("--checkpoint_path auto needs the run's save directory")
+        found = periodic_checkpoints(save_path)
+        return found[-1][1] if found else None
     path = Path(path)
     if path.is_dir():
         found = periodic_checkpoints(path)
@@ -231,6 +242,10 @@ class CheckpointManager:
     @property
     def final_weights_path(self) -> Path:
         return self.save_dir / FINAL_WEIGHTS_NAME
+
+    @property
+    def final_ema_weights_path(self) -> Path:
+        return self.save_dir / FINAL_EMA_WEIGHTS_NAME
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.path_for(step)
@@ -300,13 +315,17 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
                         step: int, samples_seen: int, data_mode: str, world_size: int, batch_size: int,
                         gradient_accumulation_steps: int, rng_states: list[dict[str, Any]],
                         train_config: dict[str, Any], best_metric: float | None,
-                        best_step: int | None, task_weighting: dict[str, Any] | None = None) -> dict[str, Any]:
+                        best_step: int | None, task_weighting: dict[str, Any] | None = None,
+                        evals_since_best: int = 0, ema: torch.nn.Module | None = None,
+                        ema_decay: float = 0.0) -> dict[str, Any]:
     """The dict a training checkpoint stores (all CPU, weights_only-loadable).
 
     Data position: `samples_seen` = the training stream's global position (samples all ranks had taken together,
     rock_dist.data.epoch_plan), with the `data_mode`, `world_size` and `batch_size` it was reached with.
     Checkpoints of earlier versions stored `batch_in_epoch` (micro-batches per rank) instead; `samples_seen_of`
     converts. `task_weighting`: the adaptive auxiliary weights' state (engine.task_weighting; None: fixed weights).
+    `evals_since_best`: validations since the best val metric (early stopping). `ema`: the averaged model of
+    --ema_decay (engine.ema; stored like `model`, None without EMA) and its `ema_decay`.
     """
     return {
         "format": CHECKPOINT_FORMAT,
@@ -329,10 +348,14 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
         "best_metric": best_metric,
         "best_step": best_step,
         "task_weighting": task_weighting if task_weighting is not None else {"name": "fixed"},
+        "evals_since_best": evals_since_best,
+        "ema": model_state(ema) if ema is not None else None,
+        "ema_decay": ema_decay if ema is not None else None,
     }
 
 
-__all__ = ["WEIGHTS_FORMAT", "CHECKPOINT_FORMAT", "BEST_NAME", "FINAL_WEIGHTS_NAME", "strip_wrapper_prefixes",
+__all__ = ["WEIGHTS_FORMAT", "CHECKPOINT_FORMAT", "BEST_NAME", "FINAL_WEIGHTS_NAME", "FINAL_EMA_WEIGHTS_NAME",
+           "AUTO_RESUME", "strip_wrapper_prefixes",
            "unwrap", "to_cpu", "model_state", "save_weights", "read_checkpoint", "load_model",
            "periodic_checkpoints", "resolve_resume_path", "CheckpointManager", "training_checkpoint",
            "samples_seen_of", "save_with_space_check", "remove_stale_temps"]

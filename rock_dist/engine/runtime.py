@@ -58,8 +58,9 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
                    compile=on_cuda(cfg.compile))
 
 
-def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_parameters: bool) -> Any:
-    """The Accelerator for training.
+def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_parameters: bool,
+                     log_with: list[Any] | None = None) -> Any:
+    """The Accelerator for training; `log_with`: its experiment trackers (`engine.trackers.log_with`).
 
     No data loader and no scheduler are ever passed to `prepare` (docs/training.md): the WebDataset stream is split by
     rank in the pipeline, and the LR schedule counts global optimizer steps itself. Gradient accumulation uses
@@ -78,7 +79,7 @@ def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_paramete
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),
     ]
     return _accelerator(cpu=runtime.cpu, mixed_precision=runtime.mixed_precision,
-                        accumulation_steps=cfg.gradient_accumulation_steps, handlers=handlers)
+                        accumulation_steps=cfg.gradient_accumulation_steps, handlers=handlers, log_with=log_with)
 
 
 def local_accelerator(mixed_precision: str, *, cpu: bool, accumulation_steps: int = 1) -> Any:
@@ -99,13 +100,14 @@ def local_accelerator(mixed_precision: str, *, cpu: bool, accumulation_steps: in
     return _accelerator(cpu=cpu, mixed_precision=mixed_precision, accumulation_steps=accumulation_steps, handlers=[])
 
 
-def _accelerator(*, cpu: bool, mixed_precision: str, accumulation_steps: int, handlers: list[Any]) -> Any:
+def _accelerator(*, cpu: bool, mixed_precision: str, accumulation_steps: int, handlers: list[Any],
+                 log_with: list[Any] | None = None) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
     plugin = GradientAccumulationPlugin(num_steps=accumulation_steps, sync_with_dataloader=False)
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin,
-                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False, log_with=log_with)
 
 
 def seed_everything(seed: int) -> None:

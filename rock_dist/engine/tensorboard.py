@@ -1,8 +1,8 @@
-"""TensorBoard logging for training: scalars (every loss component, lr, throughput, eval metrics) and pictures.
+"""What the training run logs besides its losses: the scalar val metrics and the pictures of predictions.
 
-Created by `rock_dist.engine.trainer` on the main process only (`--writer_path`, empty disables). Pictures come from
-`rock_dist.engine.visualize`, which takes tensors on any device and returns CPU uint8, so logging works the same on
-CPU and GPU runs (the reference's grids assumed CUDA).
+Called by `rock_dist.engine.trainer`, which sends both to the experiment trackers (`engine.trackers`: TensorBoard,
+W&B, MLflow) on the main process only. Pictures come from `rock_dist.engine.visualize`, which takes tensors on any
+device and returns CPU uint8, so logging works the same on CPU and GPU runs (the reference's grids assumed CUDA).
 """
 
 from __future__ import annotations
@@ -13,47 +13,6 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import torch
 
 from rock_dist.config import LossConfig
-
-
-class TBLogger:
-    """A SummaryWriter that is a no-op when disabled (non-main ranks, or no --writer_path)."""
-
-    def __init__(self, log_dir: str, enabled: bool) -> None:
-        self.writer: Any = None
-        if enabled and log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=log_dir)
-
-    @property
-    def enabled(self) -> bool:
-        return self.writer is not None
-
-    def scalars(self, values: Mapping[str, float], step: int, prefix: str = "") -> None:
-        if self.writer is None:
-            return
-        for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}{name}", float(value), step)
-
-    def images(self, pictures: Mapping[str, torch.Tensor], step: int, prefix: str = "images/") -> None:
-        """`pictures`: name -> uint8 3 x H x W."""
-        if self.writer is None:
-            return
-        for name, picture in pictures.items():
-            self.writer.add_image(f"{prefix}{name}", picture, step, dataformats="CHW")
-
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 def eval_metric_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -135,4 +94,4 @@ def prediction_pictures(model: torch.nn.Module, images_uint8: torch.Tensor, imag
     return {name: _grid(pics) for name, pics in out.items() if pics}
 
 
-__all__ = ["TBLogger", "eval_metric_scalars", "prediction_pictures"]
+__all__ = ["eval_metric_scalars", "prediction_pictures"]

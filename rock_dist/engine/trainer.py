@@ -11,15 +11,18 @@ W processes. The loop:
 3. all-reduces the loss components together with a per-rank non-finite flag: a NaN/inf on ANY rank raises
    NonFiniteLossError on EVERY rank at this step, before the optimizer step and before any checkpoint;
 4. clips gradients (optional), steps the optimizer, then the LR schedule (engine.lr_schedule, a function of the
-   global iteration) exactly once;
-5. logs, evaluates on the val split, writes checkpoints and TensorBoard pictures on their schedules.
+   global iteration) exactly once; then updates the weights' moving average (`--ema_decay`, engine.ema);
+5. logs to the experiment trackers (engine.trackers: TensorBoard, W&B, MLflow), evaluates on the val split (raw and
+   EMA weights), stops early when val AP stopped improving (`--early_stopping_patience`, agreed by all ranks), and
+   writes checkpoints and pictures on their schedules.
 
 Steps 1 (counts) to 4 are one function, `engine.step.train_step`, on the parts `engine.step.build_step_parts` set up
 per the fast path's training recipe (`engine.fast_path`); the benchmark and the `--auto_batch_size` probe run the
 same function.
 
-Resuming (`--checkpoint_path`) restores weights, optimizer, scheduler, grad scaler, per-rank RNG states, the best val
-metric and the data position (the stream's global sample position), then runs only the remaining iterations.
+Resuming (`--checkpoint_path FILE|DIR|auto`) restores weights, EMA weights, optimizer, scheduler, grad scaler,
+per-rank RNG states, the best val metric with the early-stopping count and the data position (the stream's global
+sample position), then runs only the remaining iterations.
 
 Supervision (docs/training.md, "What survives what" in the README): the run holds a lock on its save directory
 (engine.run_lock); ranks started by a launcher exit when it dies (engine.supervision.ParentWatchdog); SIGTERM or
@@ -30,8 +33,9 @@ Test-only hooks (environment variables, unset in normal use):
 - `ROCK_DIST_FAULT_NONFINITE=STEP:RANK[,...]`: make the loss of global iteration STEP non-finite on RANK
   (see `engine.distributed`);
 - `ROCK_DIST_RECORD_DIR=DIR`: every rank writes `DIR/rank{R}.json` at the end (world size, image ids it trained
-  on per iteration, losses, lrs, a SHA-256 digest of its final weights and buffers), so launcher tests can check
-  disjoint data and identical parameters across processes and machines.
+  on per iteration, losses, lrs, SHA-256 digests of its final weights and buffers and of its EMA weights, whether
+  early stopping ended the run), so launcher tests can check disjoint data and identical parameters across
+  processes and machines.
 """
 
 from __future__ import annotations
@@ -58,13 +62,15 @@ from rock_dist.engine.lr_schedule import lr_factor
 from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, broadcast_object,
                                           check_world_size, gather_objects, parse_fault_spec, state_digest)
 from rock_dist.engine import memory
-from rock_dist.engine.fast_path import training_recipe
+from rock_dist.engine.ema import ModelEma
+from rock_dist.engine.fast_path import prepare_model_for_training, training_recipe
 from rock_dist.engine.runtime import (Runtime, capture_rng_state, make_accelerator, resolve_runtime,
                                       restore_rng_state, seed_everything)
 from rock_dist.engine.step import StepParts, build_step_parts, train_step
 from rock_dist.engine.normalization import reference_weights
 from rock_dist.engine.task_weighting import build_task_weighting
-from rock_dist.engine.tensorboard import TBLogger, eval_metric_scalars, prediction_pictures
+from rock_dist.engine.tensorboard import eval_metric_scalars, prediction_pictures
+from rock_dist.engine.trackers import RunTrackers, flat_hparams, log_with, missing_package, tracker_setup
 from rock_dist.errors import CheckpointError, ConfigError, DataError, Preempted, RockError
 from rock_dist.fsutil import atomic_write_json
 
@@ -82,8 +88,9 @@ class TrainState:
 
     step: int = 0  # completed optimizer steps (global iterations)
     samples_seen: int = 0  # the training stream's global position: samples all ranks have taken together
-    best_metric: float | None = None
+    best_metric: float | None = None  # best val AP@[.5:.95] of the raw weights so far
     best_step: int | None = None
+    evals_since_best: int = 0  # validations since best_metric last improved (--early_stopping_patience)
 
 
 @dataclass
@@ -95,8 +102,12 @@ class TrainResult:
     lrs: list[float] = field(default_factory=list)  # lr used by each iteration run here
     final_weights: Path | None = None
     metrics: dict[str, Any] | None = None  # last validation metrics
+    ema_metrics: dict[str, Any] | None = None  # last validation metrics of the EMA weights (--ema_decay)
+    final_ema_weights: Path | None = None
+    early_stopped: bool = False  # --early_stopping_patience ended the run before --num_iters
     best_metric: float | None = None
     digest: str = ""  # SHA-256 of this rank's final weights and buffers
+    ema_digest: str = ""  # the same of its EMA weights (--ema_decay)
     task_weights: dict[str, float] | None = None  # the adaptive auxiliary weights after the last step
 
 
@@ -158,16 +169,22 @@ class Trainer:
 
         self.cfg = cfg
         self.runtime: Runtime = resolve_runtime(cfg)
+        self.trackers_setup = tracker_setup(
+            cfg.report_to, writer_path=run_output(cfg.writer_path, cfg.save_path, "tensorboard"),
+            project=cfg.tracker_project, mlflow_tracking_uri=cfg.mlflow_tracking_uri, save_path=cfg.save_path)
         # Only the trained branches are built (builder), and the criterion uses every output whatever the batch,
         # so no parameter is ever without a gradient; DDP's unused-parameter search stays off (it costs a graph
         # traversal per step).
-        self.accelerator = make_accelerator(cfg, self.runtime, find_unused_parameters=False)
+        self.accelerator = make_accelerator(cfg, self.runtime, find_unused_parameters=False,
+                                            log_with=log_with(self.trackers_setup))
         check_world_size(self.accelerator)
         acc = self.accelerator
         self.rank = acc.process_index
         self.world_size = acc.num_processes
         self.device = acc.device
         self.is_main = acc.is_main_process
+        # Only the main process logs, so its packages decide; every rank stops with its message.
+        self._on_main(self._check_tracker_packages, ConfigError)
 
         self.class_names, self.scene_types = dataset_vocabulary(cfg.data.train_path)
         self.model_config = dataclasses.replace(cfg.model, num_classes=len(self.class_names) + 1,
@@ -182,8 +199,15 @@ class Trainer:
                 self.val_manifest = load_manifest(self.val_path)  # fail now, not after hours of training
             except DataError as err:
                 raise DataError(f"--val_path: {err}") from err
+        if cfg.early_stopping_patience and self.val_manifest is None:
+            raise ConfigError(f"--early_stopping_patience {cfg.early_stopping_patience}: there is no validation "
+                              f"split (--val_path {cfg.data.val_path!r}); give --val_path")
 
-        resume_path = ckpt.resolve_resume_path(cfg.checkpoint_path) if cfg.checkpoint_path else None
+        resume_path = ckpt.resolve_resume_path(cfg.checkpoint_path, cfg.save_path) if cfg.checkpoint_path else None
+        # A directory or `auto` without a checkpoint starts fresh (a requeued job's first start); say so.
+        self.fresh_note = (f"--checkpoint_path {cfg.checkpoint_path}: no checkpoint in "
+                           f"{cfg.save_path if cfg.checkpoint_path == ckpt.AUTO_RESUME else cfg.checkpoint_path}; "
+                           "starting fresh") if cfg.checkpoint_path and resume_path is None else ""
         self.resume_data = ckpt.read_checkpoint(resume_path) if resume_path is not None else None
         if self.resume_data is not None:
             self._check_resume_compatible(resume_path)
@@ -201,6 +225,7 @@ class Trainer:
         criterion = build_criterion(self.model_config, cfg.loss)
         if self.resume_data is not None:
             model.load_state_dict(ckpt.strip_wrapper_prefixes(self.resume_data["model"]), strict=True)
+        self.ema = self._build_ema(model)  # before build_step_parts, which sets `model` up in place
         self.parts: StepParts = build_step_parts(
             model, criterion, self.recipe, acc, loss_config=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
             clip_grad_norm=cfg.clip_grad_norm, lr_lambda=self.lr_factor)
@@ -236,6 +261,24 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.parts.model
+
+    def _check_tracker_packages(self) -> None:
+        problem = missing_package(self.trackers_setup.names)
+        if problem:
+            raise ConfigError(problem)
+
+    def _build_ema(self, model: torch.nn.Module) -> ModelEma | None:
+        """The moving average of --ema_decay: the checkpoint's EMA weights when resuming one that has them, else a
+        copy of `model` (the initial or resumed weights), set up on the device as the trained model will be."""
+        decay = self.cfg.ema_decay
+        self.ema_note = ""
+        if decay <= 0:
+            return None
+        stored = self.resume_data.get("ema") if self.resume_data is not None else None
+        if self.resume_data is not None and stored is None:
+            self.ema_note = "--ema_decay: the checkpoint has no EMA weights; the average starts from its weights"
+        return ModelEma.copy_of(model, decay, stored=ckpt.strip_wrapper_prefixes(stored) if stored else None,
+                                prepare=lambda m: prepare_model_for_training(m, self.recipe, self.device))
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -307,7 +350,8 @@ class Trainer:
         # The data position is global, so it carries over to another process count or batch size; whether the
         # stream can start exactly there depends on the data mode (see _resume_message).
         self.state = TrainState(step=step, samples_seen=ckpt.samples_seen_of(data),
-                                best_metric=data.get("best_metric"), best_step=data.get("best_step"))
+                                best_metric=data.get("best_metric"), best_step=data.get("best_step"),
+                                evals_since_best=int(data.get("evals_since_best") or 0))
         self._resumed_layout = (data.get("world_size"), data.get("batch_size"))
         rng = data.get("rng") or []
         if same_layout and self.rank < len(rng):
@@ -410,8 +454,11 @@ class Trainer:
                    ) -> dict[str, float]:
         """One optimizer step over this rank's K micro-batches: `engine.step.train_step` on this run's parts (the
         same function the benchmark and the batch-size probe time). `step` defaults to the next iteration."""
-        return train_step(self.parts, micro_batches, step=self.state.step + 1 if step is None else step,
-                          before_optimizer_step=self.before_optimizer_step)
+        values = train_step(self.parts, micro_batches, step=self.state.step + 1 if step is None else step,
+                            before_optimizer_step=self.before_optimizer_step)
+        if self.ema is not None:
+            self.ema.update(ckpt.unwrap(self.model))  # every rank: the parameters are the same after the step
+        return values
 
     # ------------------------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
@@ -423,15 +470,20 @@ class Trainer:
                                start_step=st.step, log_every=cfg.train_eval_freq)
         lock = self._take_run_lock(console)  # before the first write of this run
         watchdog = ParentWatchdog().start() if under_launcher() else None
-        tb = TBLogger(run_output(cfg.writer_path, cfg.save_path, "tensorboard"), enabled=self.is_main)
+        trackers = RunTrackers(self.accelerator, self.trackers_setup)
         try:
             with console, StopRequest() as self.stop_request:
                 self._announce(console)
+                self._on_main(lambda: trackers.start(self._hparams()), ConfigError)
                 resumed = self.resume_data is not None
                 self.resume_data = None  # free the CPU copy of the weights
                 if st.step >= cfg.num_iters:
                     console.always(f"checkpoint is at step {st.step} >= --num_iters {cfg.num_iters}: "
                                    "nothing left to train")
+                elif self._early_stop_agreed():
+                    result.early_stopped = True
+                    console.always(f"{self._early_stop_reason()} at the checkpoint's step: nothing left to train "
+                                   "(a larger --early_stopping_patience continues)")
                 else:
                     if cfg.data.check_data:
                         self._check_training_data(console)
@@ -439,15 +491,17 @@ class Trainer:
                     if resumed:
                         console.always(self._resume_message())
                     self._train_mode()
-                    self._loop(first, console, tb, result, record_ids)
+                    self._loop(first, console, trackers, result, record_ids)
                 broadcast_buffers(ckpt.unwrap(self.model))  # identical final weights on every rank
                 if self.val_manifest is not None and result.metrics is None:
-                    result.metrics = self._evaluate(console, tb)  # resumed at the end: evaluate anyway
-                result.final_weights = self._main_writes(lambda: ckpt.save_weights(
-                    self.manager.final_weights_path, self.model, self.model_config, self.class_names,
-                    self.scene_types, train_config=cfg, iterations=st.step))
+                    self._evaluate(console, trackers, result)  # resumed at the end: evaluate anyway
+                result.final_weights = self._save_final(self.manager.final_weights_path, self.model)
+                if self.ema is not None:
+                    broadcast_buffers(self.ema.module)
+                    result.final_ema_weights = self._save_final(self.manager.final_ema_weights_path,
+                                                                self.ema.module)
         finally:
-            tb.close()
+            trackers.close()
             if watchdog is not None:
                 watchdog.stop()
             if lock is not None:
@@ -456,11 +510,15 @@ class Trainer:
         result.best_metric = st.best_metric
         unwrapped = ckpt.unwrap(self.model)
         result.digest = state_digest(list(unwrapped.state_dict().items()))
+        if self.ema is not None:
+            result.ema_digest = state_digest(list(self.ema.module.state_dict().items()))
         if self.parts.weighting is not None:
             result.task_weights = self.parts.weighting.weights()
-        summary = f"done: {st.step} iterations"
+        summary = f"done: {st.step} iterations" + (" (stopped early)" if result.early_stopped else "")
         if result.metrics is not None:
             summary += f", val AP {100 * result.metrics['AP']:.2f} AP50 {100 * result.metrics['AP50']:.2f}"
+        if result.ema_metrics is not None:
+            summary += f", EMA val AP {100 * result.ema_metrics['AP']:.2f}"
         if st.best_metric is not None:
             summary += f", best AP {100 * st.best_metric:.2f} at step {st.best_step}"
         if result.final_weights is not None:
@@ -470,9 +528,24 @@ class Trainer:
             self._write_record(result, record_ids)
         return result
 
+    def _save_final(self, path: Path, model: torch.nn.Module) -> Path | None:
+        """Final weights (the .pt and the portable pair) of `model`, written by the main process."""
+        return self._main_writes(lambda: ckpt.save_weights(path, model, self.model_config, self.class_names,
+                                                           self.scene_types, train_config=self.cfg,
+                                                           iterations=self.state.step))
+
+    def _hparams(self) -> dict[str, Any]:
+        """The run's hyper-parameters for the trackers: every flag as resolved (after --auto_batch_size), and what
+        the machine made of the 'auto' ones."""
+        return {**flat_hparams(to_dict(self.cfg)), "run/world_size": self.world_size,
+                "run/global_batch_size": self.global_batch, "run/precision": self.runtime.mixed_precision}
+
     def _announce(self, console: TrainConsole) -> None:
         cfg = self.cfg
         acc = self.accelerator
+        for note in (self.fresh_note, self.ema_note):
+            if note:
+                console.always(note)
         console.print(
             f"rock_dist train: {self.world_size} process(es) ({acc.distributed_type.value}, {self.device}), "
             f"global batch {self.global_batch} = {cfg.data.batch_size} x {cfg.gradient_accumulation_steps} "
@@ -485,8 +558,8 @@ class Trainer:
         f = self.cfg.val_eval_freq
         return self.val_manifest is not None and f > 0 and step % f == 0
 
-    def _loop(self, first: Mapping[str, torch.Tensor], console: TrainConsole, tb: TBLogger, result: TrainResult,
-              record_ids: list[list[int]]) -> None:
+    def _loop(self, first: Mapping[str, torch.Tensor], console: TrainConsole, trackers: RunTrackers,
+              result: TrainResult, record_ids: list[list[int]]) -> None:
         cfg = self.cfg
         st = self.state
         pending: list[Mapping[str, torch.Tensor]] = [first]
@@ -532,17 +605,23 @@ class Trainer:
                 scalars = {n: window[n] / window_steps for n in window}
                 scalars["iterations_per_s"] = window_steps / elapsed
                 scalars["images_per_s"] = window_steps * self.global_batch / elapsed
-                tb.scalars(scalars, st.step, prefix="train/")
+                trackers.scalars(scalars, st.step, prefix="train/")
                 window, window_steps, window_start = {}, 0, now
-            if self.is_main and tb.enabled and cfg.image_to_tb_freq > 0 and st.step % cfg.image_to_tb_freq == 0:
-                self._log_pictures(tb, micro[-1])
+            if trackers.takes_pictures and cfg.image_to_tb_freq > 0 and st.step % cfg.image_to_tb_freq == 0:
+                self._log_pictures(trackers, micro[-1])
             # The last iteration always evaluates (before its checkpoint, which then carries the best metric).
-            if self._eval_due(st.step) or (st.step == cfg.num_iters and self.val_manifest is not None):
-                result.metrics = self._evaluate(console, tb)
+            evaluated = self._eval_due(st.step) or (st.step == cfg.num_iters and self.val_manifest is not None)
+            if evaluated:
+                self._evaluate(console, trackers, result)
                 step_start = time.perf_counter()  # evaluation time is not training throughput
-            if (cfg.model_save_freq > 0 and st.step % cfg.model_save_freq == 0) or st.step == cfg.num_iters:
+            stop = evaluated and self._early_stop_agreed()
+            if (cfg.model_save_freq > 0 and st.step % cfg.model_save_freq == 0) or st.step == cfg.num_iters or stop:
                 self._save_checkpoint(console)
                 step_start = time.perf_counter()
+            if stop:
+                result.early_stopped = True
+                console.always(f"{self._early_stop_reason()}: stopping at iteration {st.step} of {cfg.num_iters}")
+                return
 
     # ------------------------------------------------------------------------------------------------ supervision
     def _take_run_lock(self, console: TrainConsole) -> RunLock | None:
@@ -616,21 +695,42 @@ class Trainer:
                         f"{self.cfg.save_path}")
 
     # ------------------------------------------------------------------------------------------------ side jobs
-    def _log_pictures(self, tb: TBLogger, batch: Mapping[str, torch.Tensor]) -> None:
+    def _log_pictures(self, trackers: RunTrackers, batch: Mapping[str, torch.Tensor]) -> None:
         from rock_dist.data.batch import prepare_batch
 
         prepared = prepare_batch(batch, self.device, channels_last=self.runtime.channels_last)
         pictures = prediction_pictures(ckpt.unwrap(self.model), batch["images"], prepared["images"], prepared,
                                        class_names=self.class_names, scene_types=self.scene_types,
                                        loss_config=self.cfg.loss, autocast=self.accelerator.autocast)
-        tb.images(pictures, self.state.step)
+        trackers.images(pictures, self.state.step)
 
-    def _evaluate(self, console: TrainConsole, tb: TBLogger) -> dict[str, Any]:
+    def _evaluate(self, console: TrainConsole, trackers: RunTrackers, result: TrainResult) -> None:
+        """Validate the raw weights (and the EMA weights) into `result`, log them, and count the validation for
+        the best checkpoint and early stopping (on the raw weights' AP@[.5:.95], the same on every rank)."""
+        cfg = self.cfg
+        result.metrics = metrics = self._validate(self.model, "val", console, trackers)
+        self._train_mode()
+        if self.ema is not None:
+            result.ema_metrics = self._validate(self.ema.module, "val_ema", console, trackers)
+        ap = float(metrics["AP"])
+        st = self.state
+        if st.best_metric is not None and not ap > st.best_metric:
+            st.evals_since_best += 1
+            return
+        st.best_metric, st.best_step, st.evals_since_best = ap, st.step, 0
+        if cfg.save_best_on_val:
+            state = self._checkpoint_state()
+            if self._main_writes(lambda: self.manager.save_best(state)) is not None:
+                console.print(f"step {st.step}: new best val AP {100 * ap:.2f} -> {self.manager.best_path}")
+
+    def _validate(self, model: torch.nn.Module, name: str, console: TrainConsole,
+                  trackers: RunTrackers) -> dict[str, Any]:
+        """Evaluate `model` on the val split, logged as `name/`; its COCO JSON under coco/stepNNNNNNN[_ema]."""
         from rock_dist.data.pipeline import make_eval_loader
         from rock_dist.engine.evaluation import evaluate
 
         cfg = self.cfg
-        broadcast_buffers(ckpt.unwrap(self.model))  # every rank evaluates the same network
+        broadcast_buffers(ckpt.unwrap(model))  # every rank evaluates the same network
         if self._eval_loader is None:  # re-iterable, with persistent workers: build it once per run
             self._eval_loader = make_eval_loader(
                 self.val_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
@@ -638,30 +738,40 @@ class Trainer:
                 world_size=self.world_size)
         loader = self._eval_loader
         coco_dir = run_output(cfg.coco_json_save_path, cfg.save_path, "coco")
-        out_dir = Path(coco_dir) / f"step{self.state.step:07d}" if coco_dir else None
+        suffix = name[len("val"):]
+        out_dir = Path(coco_dir) / f"step{self.state.step:07d}{suffix}" if coco_dir else None
         # Its own progress lines: on a slow CPU the end-of-run validation takes minutes after the last step.
-        with EvalProgress(f"step {self.state.step}: validating", getattr(loader, "num_samples", None),
-                          enabled=console.verbose, inside=console if console.use_bar else None) as progress:
-            metrics = evaluate(self.model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
+        with EvalProgress(f"step {self.state.step}: validating{' (EMA weights)' if suffix else ''}",
+                          getattr(loader, "num_samples", None), enabled=console.verbose,
+                          inside=console if console.use_bar else None) as progress:
+            metrics = evaluate(model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
                                class_names=self.class_names, expected_images=self.val_manifest.num_samples,
                                progress=progress.advance)
-        self._train_mode()
-        tb.scalars(eval_metric_scalars(metrics), self.state.step, prefix="val/")
-        console.print(f"step {self.state.step}: val AP {100 * metrics['AP']:.2f} AP50 {100 * metrics['AP50']:.2f} "
-                      f"({metrics.get('num_images', '?')} images)")
-        ap = float(metrics["AP"])
-        st = self.state
-        if cfg.save_best_on_val and (st.best_metric is None or ap > st.best_metric):
-            st.best_metric, st.best_step = ap, st.step
-            state = self._checkpoint_state()
-            if self._main_writes(lambda: self.manager.save_best(state)) is not None:
-                console.print(f"step {st.step}: new best val AP {100 * ap:.2f} -> {self.manager.best_path}")
+        trackers.scalars(eval_metric_scalars(metrics), self.state.step, prefix=f"{name}/")
+        console.print(f"step {self.state.step}: {name} AP {100 * metrics['AP']:.2f} AP50 "
+                      f"{100 * metrics['AP50']:.2f} ({metrics.get('num_images', '?')} images)")
         return metrics
+
+    def _early_stop_agreed(self) -> bool:
+        """Whether --early_stopping_patience validations in a row brought no better val AP; the same answer on every
+        rank (each decides from the same metrics, and one flag all-reduce makes sure)."""
+        patience = self.cfg.early_stopping_patience
+        if not patience:
+            return False
+        return any_rank(self.state.evals_since_best >= patience, self.device)
+
+    def _early_stop_reason(self) -> str:
+        st = self.state
+        best = f"{100 * st.best_metric:.2f} at iteration {st.best_step}" if st.best_metric is not None else "none"
+        return (f"early stopping: val AP has not improved for {st.evals_since_best} validation(s) (best {best}; "
+                f"--early_stopping_patience {self.cfg.early_stopping_patience})")
 
     def _checkpoint_state(self) -> dict[str, Any] | None:
         """The checkpoint dict on the main process, None elsewhere (collective: every rank must call it, since each
         contributes its RNG state; only the main process pays for the CPU copy of weights and optimizer state)."""
         broadcast_buffers(ckpt.unwrap(self.model))
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module)
         rng_states = gather_objects(capture_rng_state())
         if not self.is_main:
             return None
@@ -674,7 +784,9 @@ class Trainer:
             batch_size=self.cfg.data.batch_size,
             gradient_accumulation_steps=self.cfg.gradient_accumulation_steps, rng_states=rng_states,
             train_config=to_dict(self.cfg), best_metric=st.best_metric, best_step=st.best_step,
-            task_weighting=self.parts.weighting.state_dict() if self.parts.weighting is not None else None)
+            task_weighting=self.parts.weighting.state_dict() if self.parts.weighting is not None else None,
+            evals_since_best=st.evals_since_best, ema=self.ema.module if self.ema is not None else None,
+            ema_decay=self.cfg.ema_decay)
 
     def _save_checkpoint(self, console: TrainConsole) -> None:
         state = self._checkpoint_state()
@@ -708,6 +820,7 @@ class Trainer:
             "device": str(self.device), "mixed_precision": self.runtime.mixed_precision,
             "local_process_index": acc.local_process_index, "step": result.step, "losses": result.losses,
             "lrs": result.lrs, "image_ids": record_ids, "digest": result.digest, "task_weights": result.task_weights,
+            "ema_digest": result.ema_digest, "early_stopped": result.early_stopped,
             "final_weights": str(result.final_weights) if result.final_weights else None,
         })
 
