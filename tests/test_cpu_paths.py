@@ -17,7 +17,6 @@ The same paths on a GPU are tests/test_cuda_paths.py (run by launch/gpu_check.sh
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -294,20 +293,15 @@ def test_colour_jitter_selects_images_on_the_host(monkeypatch: pytest.MonkeyPatc
 
 # ------------------------------------------------------------------------------- 2 processes, the real launcher
 def _launch(args: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    import socket
+    """launch/cpu_2proc.sh with `args`; asserts success and that both ranks joined one world of 2."""
+    from test_train_distributed import _env, _free_port, _records
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     record = tmp_path / "record"
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("ROCK_DIST_", "ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_"))}
-    full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MAIN_PORT=str(port), ROCK_DIST_RECORD_DIR=str(record),
-                    **env)
-    proc = subprocess.run([str(REPO / "launch" / "cpu_2proc.sh"), *SMALL, *args], env=full_env,
+    proc = subprocess.run([str(REPO / "launch" / "cpu_2proc.sh"), *SMALL, *args],
+                          env=_env(MAIN_PORT=str(_free_port()), ROCK_DIST_RECORD_DIR=str(record), **env),
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    records = _records(record)
     assert all(r["world_size"] == 2 and r["distributed_type"] == "MULTI_CPU" for r in records)
     return proc, records
 

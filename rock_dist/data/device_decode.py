@@ -1,13 +1,13 @@
 """Optional GPU JPEG decoding (`--decode_device cuda`): the training JPEGs decoded batched with nvJPEG in the main
 process, instead of one by one in the loader workers.
 
-Called by `rock_dist.data.pipeline.TrainStream` (which maps `DeviceDecoder` over its batches) and by
-`rock_dist.data.transforms.decode_sample` (`jpeg_size`, to plan the crop without decoding). With deferred decoding
-the workers read the JPEG header only, draw the same crop, flip and jitter as always, build the auxiliary targets,
-and ship the JPEG's bytes with the crop and flip (`rock_dist.data.batch.collate`: keys `jpeg`, `jpeg_geometry`);
-`DeviceDecoder` decodes a whole batch with one `torchvision.io.decode_jpeg(list, device=...)` call and applies the
-crop, flip and resize there with the workers' own `transforms.crop_flip_resize`. The rest of the pipeline
-(colour jitter and normalisation in `prepare_batch`) is unchanged.
+Called by `rock_dist.data.pipeline.TrainStream`, which maps `DeviceDecoder` over its batches. With deferred decoding
+the workers read the JPEG header only (`transforms.decode_sample(..., defer_jpeg=True)`), draw the same crop, flip
+and jitter as always, build the auxiliary targets, and ship the JPEG's bytes with the crop and flip
+(`rock_dist.data.batch.collate`: keys `jpeg`, `jpeg_geometry`); `DeviceDecoder` decodes a whole batch with one
+`torchvision.io.decode_jpeg(list, device=...)` call and applies the crop, flip and resize there with the workers' own
+`transforms.crop_flip_resize`. The rest of the pipeline (colour jitter and normalisation in `prepare_batch`) is
+unchanged.
 
 Fallbacks, each announced by one warning line: no CUDA device at start → the workers decode on the CPU as usual;
 a batch the GPU cannot decode but the CPU can → this batch and every later one decoded on the CPU in the main
@@ -22,36 +22,11 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from rock_dist.data.transforms import Geometry, crop_flip_resize, decode_rgb
+from rock_dist.data.transforms import Geometry, _quiet_torchvision_io, crop_flip_resize, decode_rgb
 from rock_dist.errors import DataError
 
 Size = tuple[int, int]
 DecodeDevice = Literal["cpu", "cuda"]
-
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def jpeg_size(data: bytes) -> Size:
-    """(H, W) of a JPEG from its frame header, without decoding it. DataError when there is none."""
-    if data[:2] != b"\xff\xd8":
-        raise DataError("not a JPEG (no start-of-image marker)")
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise DataError(f"corrupt JPEG: no marker at byte {i}")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
-            i += 2
-            continue
-        if marker in _SOF_MARKERS and i + 9 <= n:
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    raise DataError("corrupt JPEG: no frame header before the end of the data")
-
 
 def resolve_decode_device(requested: DecodeDevice) -> torch.device | None:
     """The device deferred decoding runs on, or None for the workers' CPU decoding (with a warning when CUDA was
@@ -90,8 +65,6 @@ def _decode_many(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return [decode_rgb(d) for d in data]
     from torchvision.io import decode_jpeg
 
-    from rock_dist.data.transforms import _quiet_torchvision_io
-
     with _quiet_torchvision_io():
         images = decode_jpeg(data, device=device)  # one batched nvJPEG call
     return [im.expand(3, -1, -1).contiguous() if im.shape[0] == 1 else im for im in images]
@@ -129,4 +102,4 @@ class DeviceDecoder:
                             "`python -m rock_dist.shards verify`") from err
 
 
-__all__ = ["DecodeDevice", "jpeg_size", "resolve_decode_device", "finish_images", "DeviceDecoder"]
+__all__ = ["DecodeDevice", "resolve_decode_device", "finish_images", "DeviceDecoder"]

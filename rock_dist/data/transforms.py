@@ -171,6 +171,31 @@ def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | No
     return tensor
 
 
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes) -> Size:
+    """(H, W) of a JPEG from its frame header, without decoding it. DataError when there is none."""
+    if data[:2] != b"\xff\xd8":
+        raise DataError("not a JPEG (no start-of-image marker)")
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise DataError(f"corrupt JPEG: no marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
+            i += 2
+            continue
+        if marker in _SOF_MARKERS and i + 9 <= n:
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    raise DataError("corrupt JPEG: no frame header before the end of the data")
+
+
 def decode_sample(raw: Mapping[str, Any], *, where: str = "", defer_jpeg: bool = False) -> DecodedSample:
     """Decode the members of one WebDataset sample (docs/data_format.md) into a `DecodedSample`.
 
@@ -204,8 +229,6 @@ def _decode_sample(raw: Mapping[str, Any], where: str, defer_jpeg: bool = False)
         data = _bytes_tensor(raw[rgb_name])
         encoded_size = None
         if defer_jpeg and rgb_name.endswith("jpg"):
-            from rock_dist.data.device_decode import jpeg_size
-
             image = data
             H, W = encoded_size = jpeg_size(bytes(raw[rgb_name]))
         else:
@@ -598,5 +621,5 @@ class EvalTransform:
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "aux_member", "Geometry", "sample_ssd_crop",
     "crop_boxes", "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter",
-    "color_jitter", "crop_flip_resize", "decode_rgb", "TrainTransform", "EvalTransform",
+    "color_jitter", "crop_flip_resize", "decode_rgb", "jpeg_size", "TrainTransform", "EvalTransform",
 ]

@@ -4,10 +4,12 @@ batch-size probe time.
 `build_step_parts` sets a model, its criterion and Adam up per a `fast_path.Recipe` with an Accelerator, in the
 fast path's fixed order (fold BNs, memory format, fused Adam, then Accelerate's preparation: DDP, autocast, grad
 scaler; then torch.compile). `train_step(parts, micro_batches, step=...)` is one optimizer step over this rank's K
-micro-batches: counts all-reduced so the losses are normalised over the global batch (`engine.normalization`),
-forward + backward per micro-batch under `accelerator.accumulate`, one all-reduce of the loss components with a
-per-rank non-finite flag (a NaN/inf on ANY rank raises NonFiniteLossError on EVERY rank, before the optimizer step),
-clipping, the optimizer step and the LR schedule. `recipe_step_parts` builds fresh parts from a model configuration.
+micro-batches: counts (host data) summed over ranks on the host so the losses are normalised over the global batch
+(`engine.normalization`), forward + backward per micro-batch under `accelerator.accumulate`, one all-reduce of the
+loss components with a per-rank non-finite flag (a NaN/inf on ANY rank raises NonFiniteLossError on EVERY rank,
+before the optimizer step), clipping, the optimizer step and the LR schedule. The step reads the device ONCE: the
+reduced losses, flags, gradient norm and GradNorm's norms in one transfer (tests/test_cpu_paths.py holds it to
+that). `recipe_step_parts` builds fresh parts from a model configuration.
 
 Called by `engine.trainer.Trainer` (its parts and `Trainer.train_step`), `engine.memory` (the batch-size probe),
 `perf.train_bench` (the benchmark's step and end-to-end sections) and `perf.autotune`.

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 # Per-stage time limits in seconds on a GPU machine (8 minutes in all with the synthetic shards and the installs).
-GPU_LIMITS = {"cuda_tests": 150, "bench": 270, "data": 60}
+GPU_LIMITS = {"cuda_tests": 120, "bench": 300, "data": 45}
 DRY_LIMITS = {"cuda_tests": 300, "bench": 600, "data": 300}
 CUDA_TEST_FILES = ("tests/test_cuda_paths.py", "tests/test_device_decode.py")
 DEPENDENCIES = ("torch", "torchvision", "accelerate", "numpy", "scipy", "h5py", "PIL", "rich", "safetensors",
@@ -211,7 +211,7 @@ def make_shards(out: Path, dry_run: bool) -> Path:
 
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"rock_gpu_check_{os.getpid()}"
     root.mkdir(parents=True, exist_ok=True)
-    num, size = (16, (48, 64)) if dry_run else (256, (480, 640))
+    num, size = (16, (48, 64)) if dry_run else (128, (480, 640))
     print(f"== shards: {num} synthetic {size[0]}x{size[1]} images in {root}", flush=True)
     return build_synthetic_shards(root, num, size, seed=0)
 
