@@ -40,7 +40,7 @@ def test_a_failed_stage_is_loud_and_the_next_stage_runs(tmp_path: Path, monkeypa
         raise FileNotFoundError("no bench report")
 
     ran: list[str] = []
-    monkeypatch.setattr(gpu_check, "make_shards", lambda out, dry_run: tmp_path)
+    monkeypatch.setattr(gpu_check, "make_shards", lambda root, dry_run: root / "shards")
     monkeypatch.setattr(gpu_check, "stage_bench", broken_bench)
     monkeypatch.setattr(gpu_check, "stage_data",
                         lambda *args: ran.append("data") or Stage("data", summary="3.0 samples/s per worker"))

@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -204,13 +205,10 @@ def default_out() -> Path:
     return Path(os.environ.get("OUT") or "gpu_check")
 
 
-def make_shards(out: Path, dry_run: bool) -> Path:
-    """Synthetic shards for the bench and the data stage (built once, not timed) in a temporary directory that
-    `main` removes at the end."""
+def make_shards(root: Path, dry_run: bool) -> Path:
+    """Synthetic shards under `root` for the bench and the data stage (built once, not timed)."""
     from rock_dist.bench import build_synthetic_shards
 
-    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"rock_gpu_check_{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
     num, size = (16, (48, 64)) if dry_run else (128, (480, 640))
     print(f"== shards: {num} synthetic {size[0]}x{size[1]} images in {root}", flush=True)
     return build_synthetic_shards(root, num, size, seed=0)
@@ -233,6 +231,30 @@ def render(stages: list[Stage]) -> str:
     return "\n".join(lines)
 
 
+def run_stages(wanted: Sequence[str], out: Path, work: Path, limits: dict[str, float], dry_run: bool
+               ) -> list[Stage]:
+    """The stages in `wanted`, in order, each guarded: one failing never stops the next."""
+    stages = [_guarded("env", stage_env)]
+    shards: Path | None = None
+    if {"bench", "data"} & set(wanted):
+        try:
+            shards = make_shards(work, dry_run)
+        except Exception as err:  # noqa: BLE001 - the tests can still run
+            print(f"!! synthetic shards FAILED: {type(err).__name__}: {err}", flush=True)
+            stages.append(Stage("shards", status="failed", summary=f"{type(err).__name__}: {err}"))
+    if "cuda_tests" in wanted:
+        stages.append(_guarded("cuda_tests", lambda: stage_cuda_tests(out, limits["cuda_tests"])))
+    consumed = None
+    if "bench" in wanted and shards is not None:
+        bench = _guarded("bench", lambda: stage_bench(out, shards, limits["bench"], dry_run))
+        stages.append(bench)
+        e2e = bench.results.get("rows", {}).get("e2e", [])
+        consumed = e2e[-1]["img_per_s"] if e2e else None
+    if "data" in wanted and shards is not None:
+        stages.append(_guarded("data", lambda: stage_data(out, shards, limits["data"], dry_run, consumed)))
+    return stages
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rock_dist.perf.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="", help="output directory (default: $OUT, else ./gpu_check)")
@@ -244,26 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = [s for s in args.stages.split(",") if s]
     limits = DRY_LIMITS if args.dry_run else GPU_LIMITS
     started = time.perf_counter()
-    stages = [_guarded("env", stage_env)]
-    shards: Path | None = None
-    if {"bench", "data"} & set(wanted):
-        try:
-            shards = make_shards(out, args.dry_run)
-        except Exception as err:  # noqa: BLE001 - the tests can still run
-            print(f"!! synthetic shards FAILED: {type(err).__name__}: {err}", flush=True)
-            stages.append(Stage("shards", status="failed", summary=f"{type(err).__name__}: {err}"))
-    if "cuda_tests" in wanted:
-        stages.append(_guarded("cuda_tests", lambda: stage_cuda_tests(out, limits["cuda_tests"])))
-    consumed = None
-    if "bench" in wanted and shards is not None:
-        bench = _guarded("bench", lambda: stage_bench(out, shards, limits["bench"], args.dry_run))
-        stages.append(bench)
-        e2e = bench.results.get("rows", {}).get("e2e", [])
-        consumed = e2e[-1]["img_per_s"] if e2e else None
-    if "data" in wanted and shards is not None:
-        stages.append(_guarded("data", lambda: stage_data(out, shards, limits["data"], args.dry_run, consumed)))
-    if shards is not None:
-        shutil.rmtree(shards.parent, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="rock_gpu_check_"))
+    try:
+        stages = run_stages(wanted, out, work, limits, args.dry_run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     failed = [s.name for s in stages if s.status != "ok"]
     report = {"dry_run": args.dry_run, "wall_s": time.perf_counter() - started, "failed_stages": failed,
               "stages": [dataclasses.asdict(s) for s in stages]}
