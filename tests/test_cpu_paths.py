@@ -8,7 +8,7 @@
 - graph breaks: none in the model, the criterion and the loss normalisation that a compiled step runs (dynamo);
 - host synchronisations: `engine.step.train_step` reads the device exactly once per step (the packed all-reduce of
   the loss components, non-finite flags, gradient norm and GradNorm norms); every other host read in the step is of
-  host data (the CPU batch's counts and colour-jitter order);
+  host data (the CPU batch's counts and colour-jitter order); under NCCL those host sums use their own gloo group;
 - `--compile yes` (inductor on the CPU) in 2 processes through the real launcher (slow).
 
 The same paths on a GPU are tests/test_cuda_paths.py (run by launch/gpu_check.sh).
@@ -327,3 +327,41 @@ def test_compile_yes_on_cpu_in_two_processes(shard_dir: Path, tmp_path: Path) ->
     assert generated, "inductor wrote no code: the model was not compiled"
     assert records[0]["digest"] == records[1]["digest"]
     assert all(len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"]) for r in records)
+
+
+def test_host_collectives_get_their_own_gloo_group_under_nccl(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an NCCL default group (faked: a 1-process gloo group that reports "nccl"), the step's host-side sums
+    go through a separate gloo group, created once per default group with the run's --dist_timeout, and the sum is
+    a CPU tensor; on a real gloo default group that group itself is used (no second group)."""
+    import datetime
+
+    from rock_dist.engine import distributed
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert distributed._host_group() is None  # gloo default group: used as is
+        created: list[Any] = []
+        real_new_group = dist.new_group
+
+        def recording_new_group(*args: Any, **kwargs: Any) -> Any:
+            created.append(kwargs)
+            return real_new_group(*args, **kwargs)
+
+        monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+        monkeypatch.setattr(dist, "new_group", recording_new_group)
+        monkeypatch.setattr(distributed, "host_group_timeout_s", 42.0)
+        monkeypatch.setattr(distributed, "_HOST_GROUPS", {})
+        group = distributed._host_group()
+        assert group is not None and distributed._host_group() is group  # cached
+        assert created == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=42)}]
+        t = torch.tensor([1.0, 2.0])
+        dist.all_reduce(t, group=group)
+        assert t.tolist() == [1.0, 2.0]
+        monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+        out = distributed.host_all_reduce_sum(torch.tensor([3.0]))
+        assert out.device.type == "cpu" and out.tolist() == [3.0]
+        assert distributed.min_over_ranks(7) == 7
+    finally:
+        dist.destroy_process_group()
