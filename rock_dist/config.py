@@ -113,6 +113,11 @@ class DataConfig:
     color_jitter: Literal["device", "cpu", "none"] = opt(
         "Where the training colour jitter runs: 'device' (parameters drawn by the loader workers, applied batched "
         "by prepare_batch on the training device), 'cpu' (in the workers) or 'none'.", "device")
+    decode_device: Literal["cpu", "cuda"] = opt(
+        "Where the training JPEGs are decoded: 'cpu' (in the loader workers) or 'cuda' (batched with nvJPEG on the "
+        "GPU in the main process, for loader-bound runs with few CPU cores per GPU; falls back to the CPU with a "
+        "warning when there is no CUDA device or the GPU cannot decode a batch). See docs/data_pipeline.md.",
+        "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ task weighting

@@ -240,7 +240,11 @@ def test_runtime_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rt = resolve_runtime(base)  # auto on a machine without CUDA: CPU, no autocast, no compile, no channels_last
     assert rt.cpu and rt.mixed_precision == "no" and not rt.compile and not rt.channels_last
-    with pytest.raises(ConfigError, match="fp16"):
+    # fp16 on a CPU runs (CPU autocast + CPU GradScaler: test_cpu_paths.py) where torch has both.
+    fp16 = resolve_runtime(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
+    assert fp16.cpu and fp16.mixed_precision == "fp16"
+    monkeypatch.setattr("rock_dist.engine.runtime.cpu_fp16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="fp16 on the CPU needs torch >= 2.3"):
         resolve_runtime(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
     with pytest.raises(ConfigError, match="--device cuda"):
         resolve_runtime(parse_config(TrainConfig, ["--device", "cuda"]))

@@ -38,7 +38,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     Shapes: images uint8 B x 3 x H x W, boxes float32 B x M x 4, labels int64 B x M, scene int64 B, has_* bool B,
     depth float32 B x 1 x h x w, normals float32 B x 3 x h x w, normals_mask bool B x 1 x h x w, image_id int64 B,
     orig_size int64 B x 2; plus color_jitter float32 B x 8 when the transform deferred the colour jitter to the
-    device (see `rock_dist.data.transforms`), consumed by `prepare_batch`.
+    device (see `rock_dist.data.transforms`), consumed by `prepare_batch`. With deferred decoding the images are
+    not there yet: `jpeg` (a list of B uint8 tensors) and `jpeg_geometry` (int64 B x 5) stand in their place until
+    `rock_dist.data.device_decode` turns them into `images`.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -51,8 +53,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if n:
             boxes[i, :n] = s["boxes"]
             labels[i, :n] = s["labels"]
+    deferred = any("jpeg_geometry" in s for s in samples)
     out = {
-        "images": _stack_shared([s["image"] for s in samples]),
         "boxes": boxes,
         "labels": labels,
         "scene": torch.tensor([int(s["scene"]) for s in samples], dtype=torch.int64),
@@ -65,6 +67,14 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
         "orig_size": torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.int64),
     }
+    if deferred:
+        # Decoding deferred to the main process (rock_dist.data.device_decode): each entry is a JPEG's bytes (1-D)
+        # with its crop and flip, or an image the worker finished (a PNG sample, 3-D; its geometry row unused).
+        out["jpeg"] = [s["image"] for s in samples]
+        out["jpeg_geometry"] = torch.stack([s.get("jpeg_geometry", torch.zeros(5, dtype=torch.int64))
+                                            for s in samples])
+    else:
+        out["images"] = _stack_shared([s["image"] for s in samples])
     if "color_jitter" in samples[0]:
         out["color_jitter"] = torch.stack([s["color_jitter"] for s in samples])
     return out
@@ -95,9 +105,10 @@ def prepare_batch(batch: Mapping[str, Any], device: torch.device | str, *, chann
     device = torch.device(device)
     out: dict[str, Any] = {}
     for key, value in batch.items():
-        out[key] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+        if key != "color_jitter":  # stays on the host: apply_color_jitter reads its operation order there
+            out[key] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
     images = out.get("images")
-    jitter = out.pop("color_jitter", None)
+    jitter = batch.get("color_jitter")
     if images is not None:
         if jitter is not None and images.dtype == torch.uint8:
             images = apply_color_jitter(images.to(torch.float32), jitter)  # float in [0, 255], rounded

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rock_dist.data.batch import collate
+from rock_dist.data.device_decode import DecodeDevice, DeviceDecoder, resolve_decode_device
 from rock_dist.data.epoch_plan import EpochPlan, ShardMap, rank_position
 from rock_dist.data.shard_index import IndexUnsupported, ShardIndex, ShardReader, load_or_build_index
 from rock_dist.data.sources import Shard, Source, is_remote, iter_shard, load_sources, stable_seed
@@ -163,7 +164,8 @@ class _IndexedDataset(IterableDataset):
                 for s, k, local, aug in locate(j * plan.batch_size, plan.batch_size):
                     index = plan.indexes[s][k]
                     raw = reader.read(plan.urls[s][k], index.keys[local], index.spans[local], index.crcs[local])
-                    sample = decode_sample(raw, where=f"{plan.urls[s][k]}:{index.keys[local]}")
+                    sample = decode_sample(raw, where=f"{plan.urls[s][k]}:{index.keys[local]}",
+                                           defer_jpeg=plan.transform.defer_decode)
                     batch.append(plan.transform(sample, random.Random(aug)))
                 yield collate(batch)
                 j += nw
@@ -245,7 +247,7 @@ class _StreamDataset(IterableDataset):
             while True:
                 s = _choose(mix_rng, plan.probs) if len(streams) > 1 else 0
                 raw, aug_seed = next(streams[s])
-                sample = decode_sample(raw, where=raw.get("__url__", ""))
+                sample = decode_sample(raw, where=raw.get("__url__", ""), defer_jpeg=plan.transform.defer_decode)
                 batch.append(plan.transform(sample, random.Random(aug_seed)))
                 if len(batch) == plan.batch_size:
                     yield collate(batch)
@@ -333,7 +335,8 @@ class TrainStream:
     def __init__(self, sources: list[Source], *, image_size: Size, target_size: Size, batch_size: int,
                  num_workers: int, seed: int, rank: int, world_size: int, force_crops: bool = False,
                  no_crops: bool = False, start_sample: int = 0, shuffle_buffer: int = 256,
-                 color_jitter: Literal["device", "cpu", "none"] = "device", mode: DataMode = "auto") -> None:
+                 color_jitter: Literal["device", "cpu", "none"] = "device", mode: DataMode = "auto",
+                 decode_device: DecodeDevice = "cpu") -> None:
         _check_common(image_size, target_size, batch_size, num_workers, rank, world_size)
         if start_sample < 0:
             raise ConfigError(f"start_sample {start_sample}: must be >= 0")
@@ -352,8 +355,13 @@ class TrainStream:
         self.shuffle_buffer = shuffle_buffer
         self.steps_per_epoch = max(1, self.num_samples // (batch_size * world_size))
         self._indexes = indexes
+        if decode_device == "cuda" and color_jitter == "cpu":
+            raise ConfigError("--decode_device cuda with --color_jitter cpu: the workers have no pixels to jitter "
+                              "when the GPU decodes; use --color_jitter device")
+        decode_on = resolve_decode_device(decode_device)
+        self._decoder = DeviceDecoder(decode_on, image_size) if decode_on is not None else None
         self._transform = TrainTransform(image_size, target_size, force_crops=force_crops, no_crops=no_crops,
-                                         jitter=color_jitter)
+                                         jitter=color_jitter, defer_decode=decode_on is not None)
         self.start_sample = int(start_sample)
         self._loader: DataLoader | None = None
 
@@ -402,25 +410,28 @@ class TrainStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._loader is None:
             self._loader = self._make_loader()
-        return _raise_failures(self._loader)
+        batches = _raise_failures(self._loader)
+        return batches if self._decoder is None else map(self._decoder, batches)  # type: ignore[arg-type]
 
 
 def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
                       seed: int, rank: int, world_size: int, force_crops: bool = False, no_crops: bool = False,
                       start_sample: int = 0, shuffle_buffer: int = 256,
                       color_jitter: Literal["device", "cpu", "none"] = "device",
-                      mode: DataMode = "auto") -> TrainStream:
+                      mode: DataMode = "auto", decode_device: DecodeDevice = "cpu") -> TrainStream:
     """The training stream for `sources` (a split directory, brace pattern, pipe: commands, or
     ``SRC[:WEIGHT],...``). Raises DataError/ConfigError before any worker starts when the plan cannot work.
 
     `start_sample`: global stream position to start at (samples all ranks consumed before; see the module
     docstring). `mode`: "auto" (indexed for local shards, stream otherwise), "indexed" or "stream".
     `color_jitter`: "device" (default) ships the jitter parameters as batch key `color_jitter` for `prepare_batch`
-    to apply on the training device; "cpu" applies it in the workers; "none" disables it."""
+    to apply on the training device; "cpu" applies it in the workers; "none" disables it.
+    `decode_device`: "cpu" (default: the workers decode) or "cuda" (JPEGs decoded batched on the GPU in this
+    process, `rock_dist.data.device_decode`; the CPU when there is no CUDA device)."""
     return TrainStream(load_sources(sources), image_size=image_size, target_size=target_size, batch_size=batch_size,
                        num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, force_crops=force_crops,
                        no_crops=no_crops, start_sample=start_sample, shuffle_buffer=shuffle_buffer,
-                       color_jitter=color_jitter, mode=mode)
+                       color_jitter=color_jitter, mode=mode, decode_device=decode_device)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

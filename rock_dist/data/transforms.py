@@ -100,6 +100,8 @@ class DecodedSample:
     image: uint8 3 x H x W; boxes: float32 N x 4 normalised xyxy (x0/W, y0/H, x1/W, y1/H); labels: int64 N;
     depth_mm: uint16 1 x H x W or None; normals: uint8 3 x H x W (v = 127.5 (n + 1)) or None;
     normals_mask: uint8 1 x H x W (0 invalid) or None; scene: scene id or -1.
+    With `decode_sample(..., defer_jpeg=True)` a JPEG image stays undecoded: `image` holds its bytes (uint8 1-D) and
+    `encoded_size` its (H, W) from the JPEG header (`rock_dist.data.device_decode` decodes it later).
     """
 
     key: str
@@ -111,10 +113,18 @@ class DecodedSample:
     normals: torch.Tensor | None
     normals_mask: torch.Tensor | None
     scene: int
+    encoded_size: Size | None = None
 
     @property
     def size(self) -> Size:
+        if self.encoded_size is not None:
+            return self.encoded_size
         return int(self.image.shape[1]), int(self.image.shape[2])
+
+    @property
+    def deferred(self) -> bool:
+        """Whether `image` is still the JPEG's bytes."""
+        return self.encoded_size is not None
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
@@ -161,17 +171,50 @@ def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | No
     return tensor
 
 
-def decode_sample(raw: Mapping[str, Any], *, where: str = "") -> DecodedSample:
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes) -> Size:
+    """(H, W) of a JPEG from its frame header, without decoding it. DataError when there is none."""
+    if data[:2] != b"\xff\xd8":
+        raise DataError("not a JPEG (no start-of-image marker)")
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise DataError(f"corrupt JPEG: no marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
+            i += 2
+            continue
+        if marker in _SOF_MARKERS and i + 9 <= n:
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    raise DataError("corrupt JPEG: no frame header before the end of the data")
+
+
+def decode_sample(raw: Mapping[str, Any], *, where: str = "", defer_jpeg: bool = False) -> DecodedSample:
     """Decode the members of one WebDataset sample (docs/data_format.md) into a `DecodedSample`.
 
     `raw` maps member suffixes ('rgb.jpg', 'depth.png', 'json', ...) to bytes, plus '__key__'. `where` names the
     shard for error messages. Absent optional members become None / -1; malformed members raise DataError.
+    `defer_jpeg`: leave an rgb.jpg undecoded (its size read from the header; see `DecodedSample`).
     """
     with _quiet_torchvision_io():
-        return _decode_sample(raw, where)
+        return _decode_sample(raw, where, defer_jpeg)
 
 
-def _decode_sample(raw: Mapping[str, Any], where: str) -> DecodedSample:
+def decode_rgb(data: torch.Tensor, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An RGB JPEG's bytes (uint8 1-D) as uint8 3 x H x W on `device` (grey JPEGs repeated to 3 channels)."""
+    with _quiet_torchvision_io():
+        image = decode_jpeg(data, device=device)
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+def _decode_sample(raw: Mapping[str, Any], where: str, defer_jpeg: bool = False) -> DecodedSample:
     key = str(raw.get("__key__", "?"))
     loc = f"sample {key!r}" + (f" in shard {where}" if where else "")
     rgb_name = next((m for m in RGB_MEMBERS if m in raw), None)
@@ -184,10 +227,13 @@ def _decode_sample(raw: Mapping[str, Any], where: str) -> DecodedSample:
     try:
         meta = json.loads(raw["json"])
         data = _bytes_tensor(raw[rgb_name])
-        image = decode_jpeg(data) if rgb_name.endswith("jpg") else decode_png(data, mode=ImageReadMode.RGB)
-        if image.shape[0] == 1:  # grayscale JPEG
-            image = image.expand(3, -1, -1).contiguous()
-        H, W = int(image.shape[1]), int(image.shape[2])
+        encoded_size = None
+        if defer_jpeg and rgb_name.endswith("jpg"):
+            image = data
+            H, W = encoded_size = jpeg_size(bytes(raw[rgb_name]))
+        else:
+            image = decode_rgb(data) if rgb_name.endswith("jpg") else decode_png(data, mode=ImageReadMode.RGB)
+            H, W = int(image.shape[1]), int(image.shape[2])
         if (int(meta.get("height", H)), int(meta.get("width", W))) != (H, W):
             raise DataError(f"{loc}: json says {meta.get('height')}x{meta.get('width')} but {rgb_name} is {H}x{W}")
         boxes_px = torch.tensor(meta.get("boxes", []), dtype=torch.float32).reshape(-1, 4)
@@ -218,7 +264,7 @@ def _decode_sample(raw: Mapping[str, Any], where: str) -> DecodedSample:
         raise DataError(f"{loc}: cannot decode ({type(err).__name__}: {err}); the shard is corrupt — rebuild it "
                         "or check it with `python -m rock_dist.shards verify`") from err
     return DecodedSample(key=key, image_id=image_id, image=image, boxes=boxes, labels=labels, depth_mm=depth,
-                         normals=normals, normals_mask=mask, scene=scene)
+                         normals=normals, normals_mask=mask, scene=scene, encoded_size=encoded_size)
 
 
 # ---------------------------------------------------------------------------------------------------- geometry
@@ -433,9 +479,12 @@ def apply_color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tens
         # caches and the allocator and runs several times slower than the same work done per image.
         p = params.reshape(-1, 8)
         return torch.stack([apply_color_jitter(img, p[i]) for i, img in enumerate(x)])
-    p = params.reshape(-1, 8).to(device=x.device, dtype=torch.float32)
+    # Which images each operation touches is decided on the host: `params` come from the CPU batch
+    # (`prepare_batch` keeps them there), so selecting images never waits for the device (torch.nonzero on a
+    # device tensor would, 16 times per batch).
+    order = params.reshape(-1, 8)[:, :4].detach().cpu().round().long()
+    p = params.reshape(-1, 8).to(device=x.device, dtype=torch.float32, non_blocking=True)
     x = x.to(torch.float32, copy=True)
-    order = p[:, :4].round().long()
     factors = p[:, 4:].view(-1, 4, 1, 1, 1)
     B = x.shape[0]
     for position in range(4):
@@ -447,6 +496,7 @@ def apply_color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tens
                 continue
             idx = torch.nonzero(ops == op, as_tuple=True)[0]
             if idx.numel():
+                idx = idx.to(x.device, non_blocking=True)
                 x[idx] = _jitter_op(op, x[idx], factors[idx, op])
     x = x.round_()
     if images.dtype == torch.uint8:
@@ -465,6 +515,15 @@ def _resize_image(image: torch.Tensor, size: Size) -> torch.Tensor:
     if tuple(image.shape[1:]) == tuple(size):
         return image
     return TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def crop_flip_resize(image: torch.Tensor, geom: Geometry, size: Size) -> torch.Tensor:
+    """The training image's geometry: the pixel crop of `geom`, its flip, then the resize to `size` (on the
+    image's device; the loader workers and `rock_dist.data.device_decode` run this same function)."""
+    image = image[:, geom.y0:geom.y1, geom.x0:geom.x1]  # a view: the crop costs nothing until the resize reads it
+    if geom.flip:
+        image = image.flip(-1)
+    return _resize_image(image.contiguous(), size).contiguous()
 
 
 def _finish(s: DecodedSample, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
@@ -493,9 +552,13 @@ class TrainTransform:
     """
 
     def __init__(self, image_size: Size, target_size: Size, *, force_crops: bool = False, no_crops: bool = False,
-                 flip_p: float = 0.5, jitter: Literal["device", "cpu", "none"] = "device") -> None:
+                 flip_p: float = 0.5, jitter: Literal["device", "cpu", "none"] = "device",
+                 defer_decode: bool = False) -> None:
         if jitter not in ("device", "cpu", "none"):
             raise ValueError(f"jitter must be 'device', 'cpu' or 'none', not {jitter!r}")
+        if defer_decode and jitter == "cpu":
+            raise ValueError("jitter 'cpu' needs the pixels in the worker; with deferred decoding use 'device'")
+        self.defer_decode = defer_decode
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.target_size = (int(target_size[0]), int(target_size[1]))
         if force_crops and no_crops:
@@ -520,15 +583,19 @@ class TrainTransform:
         # Drawn in every mode so that the random stream (and so crops of later samples) never depends on it.
         jitter = draw_jitter_params(rng)
 
-        image = s.image[:, y0:y1, x0:x1]  # a view: the crop costs nothing until the resize reads it
         if flip:
-            image = image.flip(-1)
             boxes = flip_boxes(boxes)
-        image = _resize_image(image.contiguous(), self.image_size)
-        if self.jitter == "cpu":
-            image = apply_color_jitter(image, jitter)
         aux = sample_aux_maps(s, geom, self.target_size)
-        out = _finish(s, image.contiguous(), boxes, labels, aux, geom)
+        if s.deferred:
+            # The JPEG travels undecoded with its geometry; rock_dist.data.device_decode finishes the image in the
+            # main process, batched on the GPU, with crop_flip_resize as here.
+            out = _finish(s, s.image, boxes, labels, aux, geom)
+            out["jpeg_geometry"] = torch.tensor([x0, y0, x1, y1, int(flip)], dtype=torch.int64)
+        else:
+            image = crop_flip_resize(s.image, geom, self.image_size)
+            if self.jitter == "cpu":
+                image = apply_color_jitter(image, jitter)
+            out = _finish(s, image, boxes, labels, aux, geom)
         if self.jitter == "device":
             # Deferred: `prepare_batch` applies it batched on the training device, after the resize exactly like
             # the reference (Resize, then ColorJitter). It is the costliest CPU step (HSV hue), ~free on a GPU.
@@ -554,5 +621,5 @@ class EvalTransform:
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "aux_member", "Geometry", "sample_ssd_crop",
     "crop_boxes", "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter",
-    "color_jitter", "TrainTransform", "EvalTransform",
+    "color_jitter", "crop_flip_resize", "decode_rgb", "jpeg_size", "TrainTransform", "EvalTransform",
 ]

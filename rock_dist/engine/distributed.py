@@ -11,6 +11,7 @@ check that all ranks stop together. `RANK` may be `*` for every rank. Unset in n
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from typing import Any, Iterable
@@ -52,6 +53,50 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out
+
+
+# The gloo group for host-side collectives, per default process group (a new default group needs a new one).
+_HOST_GROUPS: dict[int, Any] = {}
+# Its timeout: the training run's --dist_timeout (set by engine.runtime.make_accelerator), so that a rank that
+# never arrives fails here as it would in the default group, instead of after torch's 30-minute default.
+host_group_timeout_s: float | None = None
+
+
+def host_all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a 1-D CPU tensor over ranks on the host (identity in a single process). Returns a new CPU tensor.
+
+    Under NCCL, an all-reduce of host data would copy it to the GPU and back, and the copy back waits for every
+    kernel queued before it; a gloo group of the same ranks sums it on the host, and the GPU's queue keeps running.
+    On a gloo default group (CPU training) that group itself is used. Collective: every rank calls it, in the same
+    order (the first call creates the group).
+    """
+    out = values.detach().cpu().clone()
+    if not is_distributed():
+        return out
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=_host_group())
+    return out
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (collective; `value` itself in a single process). Accelerate's
+    `reduce(..., reduction="min")` is not this: it knows only sum, mean and max, and sums anything else."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=_host_group())
+    return int(t[0])
+
+
+def _host_group() -> Any:
+    if torch.distributed.get_backend() == "gloo":
+        return None  # the default group already reduces on the host
+    world = torch.distributed.group.WORLD
+    key = id(world)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS.clear()
+        timeout = datetime.timedelta(seconds=host_group_timeout_s) if host_group_timeout_s else None
+        _HOST_GROUPS[key] = torch.distributed.new_group(backend="gloo", timeout=timeout)
+    return _HOST_GROUPS[key]
 
 
 def is_distributed() -> bool:
@@ -130,6 +175,7 @@ def state_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["FAULT_ENV", "check_world_size", "any_rank", "all_reduce_sum", "gather_objects", "broadcast_buffers",
+__all__ = ["FAULT_ENV", "check_world_size", "any_rank", "all_reduce_sum", "host_all_reduce_sum", "min_over_ranks",
+           "gather_objects", "broadcast_buffers",
            "parse_fault_spec",
            "injected_fault", "state_digest"]

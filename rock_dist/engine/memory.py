@@ -9,6 +9,12 @@ so the search refuses with a clear message there.
 The search itself, `find_max_batch_size(try_batch, ...)`, is pure logic around a callback (double until the first
 out-of-memory, then bisect between the last batch that fitted and the first that did not), so it is tested without
 a GPU through a fake memory limit.
+
+Test-only hook (an environment variable, unset in normal use): `ROCK_DIST_FAKE_MEMORY_LIMIT=N` (or `N0,N1,...`, one
+per rank) lets the probe and `--auto_batch_size` run on any device, CPU included, and makes the model's forward pass
+inside the real training step raise torch.OutOfMemoryError for a batch of more than N images: the whole probe (fresh
+parts per attempt, the trainer's step, the clean-up after a failure, the agreement over ranks) runs as on a GPU and
+must find a known answer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -124,10 +131,44 @@ def find_max_batch_size(try_batch: Callable[[int], Any], *, start: int = 2, max_
                           capped=first_failure is None)
 
 
+FAKE_LIMIT_ENV = "ROCK_DIST_FAKE_MEMORY_LIMIT"
+
+
+def fake_memory_limit(rank: int = 0) -> int | None:
+    """The test hook's batch limit for `rank` (None when `ROCK_DIST_FAKE_MEMORY_LIMIT` is unset)."""
+    spec = os.environ.get(FAKE_LIMIT_ENV, "").strip()
+    if not spec:
+        return None
+    try:
+        limits = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"{FAKE_LIMIT_ENV}={spec!r}: expected N or N0,N1,... (images per process)") from None
+    return limits[min(rank, len(limits) - 1)]
+
+
+@contextlib.contextmanager
+def _fake_limit(model: torch.nn.Module, limit: int | None) -> Iterator[None]:
+    """Make `model`'s forward raise the out-of-memory error of a GPU for batches of more than `limit` images."""
+    if limit is None:
+        yield
+        return
+
+    def check(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        n = int(args[0].shape[0])
+        if n > limit:
+            raise torch.OutOfMemoryError(f"out of memory ({FAKE_LIMIT_ENV}: a batch of {n} > {limit} images)")
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def max_batch_not_applicable(device: torch.device | str) -> str | None:
-    """Why the batch search cannot run on `device` (None when it can)."""
+    """Why the batch search cannot run on `device` (None when it can, or when the fake-limit test hook is set)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" and fake_memory_limit() is None:
         return (f"the largest-batch search applies to CUDA devices only (device here: {device.type}); on a CPU a "
                 "too-large batch swaps instead of failing, so pick --batch_size by throughput")
     return None
@@ -144,7 +185,8 @@ def find_max_train_batch_size(model_config: Any, loss_config: Any, recipe: Any, 
     the probe: compiled graphs use no more memory than eager ones, and recompiling for every size would take minutes.
     `accelerator`: the trainer's (its precision and accumulation; nothing of it may be prepared yet, since every
     attempt ends with `free_memory`), else a one-process one for the recipe. Leave headroom for fragmentation and
-    evaluation when using the result (e.g. 90 %). Raises ConfigError on a non-CUDA device.
+    evaluation when using the result (e.g. 90 %). Raises ConfigError on a non-CUDA device (unless the fake-limit
+    test hook is set).
     """
     reason = max_batch_not_applicable(device)
     if reason is not None:
@@ -154,13 +196,16 @@ def find_max_train_batch_size(model_config: Any, loss_config: Any, recipe: Any, 
     if accelerator is None:
         accelerator = local_accelerator(accelerate_precision(recipe), cpu=device.type == "cpu")
 
+    limit = fake_memory_limit(accelerator.process_index)
+
     def try_batch(b: int) -> None:
         parts = None
         try:
             parts = recipe_step_parts(model_config, loss_config, probe_recipe, device, accelerator=accelerator)
             batch = synthetic_batch(b, model_config, seed=0)
-            for i in range(steps):
-                train_step(parts, [batch] * parts.accumulation_steps, step=i + 1)
+            with _fake_limit(parts.model, limit):
+                for i in range(steps):
+                    train_step(parts, [batch] * parts.accumulation_steps, step=i + 1)
             if device.type == "cuda":  # the tests run the probe on a CPU
                 torch.cuda.synchronize(device)
         finally:
@@ -190,8 +235,8 @@ def auto_train_batch_size(model_config: Any, loss_config: Any, recipe: Any, acce
                           headroom: float = 0.9, max_batch: int = 512) -> int:
     """A per-process training batch for `--auto_batch_size`: the largest batch whose trainer step fits with the
     trainer's recipe (`fast_path.training_recipe`) and Accelerator, times `headroom` (room for fragmentation and the
-    periodic evaluation), rounded down to an even number, at least 2. CUDA only (ConfigError elsewhere). Call it
-    before the trainer prepares its model.
+    periodic evaluation), rounded down to an even number, at least 2. CUDA only (ConfigError elsewhere; the test
+    hook aside). Call it before the trainer prepares its model.
 
     Under DDP every rank must use the same value: call it on every rank and take the minimum with an all-reduce.
     """
@@ -200,5 +245,5 @@ def auto_train_batch_size(model_config: Any, loss_config: Any, recipe: Any, acce
     return max(2, int(result.batch_size * headroom) // 2 * 2)
 
 
-__all__ = ["is_out_of_memory", "free_device_memory", "MaxBatchResult", "find_max_batch_size", "max_batch_not_applicable",
-           "find_max_train_batch_size", "auto_train_batch_size"]
+__all__ = ["is_out_of_memory", "free_device_memory", "MaxBatchResult", "find_max_batch_size", "FAKE_LIMIT_ENV",
+           "fake_memory_limit", "max_batch_not_applicable", "find_max_train_batch_size", "auto_train_batch_size"]

@@ -51,6 +51,11 @@ def loss_ratios(counts: torch.Tensor, global_counts: torch.Tensor, num_micro_glo
     return out
 
 
+def tasks_present(global_counts: torch.Tensor, tasks: Sequence[str]) -> dict[str, bool]:
+    """Whether each task has anything to average over in the global batch (host counts of `micro_batch_counts`)."""
+    return {t: float(global_counts[COUNT_KEYS.index(t)]) > 0 for t in tasks}
+
+
 def reference_weights(loss_config: LossConfig) -> dict[str, float]:
     """The fixed auxiliary weights of `loss_config` (the reference's 3 / 3 / 30 by default)."""
     return {"scene": loss_config.scene_weight, "depth": loss_config.depth_weight,
@@ -84,4 +89,5 @@ def normalized_losses(losses: Mapping[str, torch.Tensor], ratios: Mapping[str, f
     return out
 
 
-__all__ = ["COUNT_KEYS", "micro_batch_counts", "loss_ratios", "reference_weights", "normalized_losses"]
+__all__ = ["COUNT_KEYS", "micro_batch_counts", "loss_ratios", "tasks_present", "reference_weights",
+           "normalized_losses"]

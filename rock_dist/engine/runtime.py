@@ -48,8 +48,9 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
-    if precision == "fp16" and cpu:
-        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
+    if precision == "fp16" and cpu and not cpu_fp16_supported():
+        raise ConfigError(f"--mixed_precision fp16 on the CPU needs torch >= 2.3 (CPU GradScaler), this is "
+                          f"{torch.__version__}; use bf16 or no")
 
     def on_cuda(choice: str) -> bool:
         return choice == "yes" or (choice == "auto" and not cpu)
@@ -78,6 +79,9 @@ def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_paramete
         # A finite timeout turns a desynchronised rank into an error instead of an endless hang.
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),
     ]
+    from rock_dist.engine import distributed
+
+    distributed.host_group_timeout_s = float(cfg.dist_timeout)
     return _accelerator(cpu=runtime.cpu, mixed_precision=runtime.mixed_precision,
                         accumulation_steps=cfg.gradient_accumulation_steps, handlers=handlers, log_with=log_with)
 
@@ -100,14 +104,28 @@ def local_accelerator(mixed_precision: str, *, cpu: bool, accumulation_steps: in
     return _accelerator(cpu=cpu, mixed_precision=mixed_precision, accumulation_steps=accumulation_steps, handlers=[])
 
 
+def cpu_fp16_supported() -> bool:
+    """Whether torch has fp16 autocast and a GradScaler for the CPU (torch 2.3 added `GradScaler("cpu")`)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 3) and torch.amp.is_autocast_available("cpu")
+
+
 def _accelerator(*, cpu: bool, mixed_precision: str, accumulation_steps: int, handlers: list[Any],
                  log_with: list[Any] | None = None) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
     plugin = GradientAccumulationPlugin(num_steps=accumulation_steps, sync_with_dataloader=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin,
-                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False, log_with=log_with)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin,
+                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
+                              log_with=log_with)
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        # Accelerate (1.x) turns fp16 on a CPU into a silent fp32 run: no autocast, no grad scaler. torch has both
+        # for the CPU, so switch them on before anything is prepared; prepare(), backward(), clip_grad_norm_() and
+        # the optimizer wrapper then take the same fp16 code path as on a GPU (docs/training.md).
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
 
 
 def seed_everything(seed: int) -> None:
@@ -142,5 +160,5 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
-__all__ = ["Runtime", "resolve_runtime", "make_accelerator", "local_accelerator", "seed_everything", "capture_rng_state",
-           "restore_rng_state"]
+__all__ = ["Runtime", "resolve_runtime", "make_accelerator", "local_accelerator", "cpu_fp16_supported",
+           "seed_everything", "capture_rng_state", "restore_rng_state"]

@@ -4,10 +4,12 @@ batch-size probe time.
 `build_step_parts` sets a model, its criterion and Adam up per a `fast_path.Recipe` with an Accelerator, in the
 fast path's fixed order (fold BNs, memory format, fused Adam, then Accelerate's preparation: DDP, autocast, grad
 scaler; then torch.compile). `train_step(parts, micro_batches, step=...)` is one optimizer step over this rank's K
-micro-batches: counts all-reduced so the losses are normalised over the global batch (`engine.normalization`),
-forward + backward per micro-batch under `accelerator.accumulate`, one all-reduce of the loss components with a
-per-rank non-finite flag (a NaN/inf on ANY rank raises NonFiniteLossError on EVERY rank, before the optimizer step),
-clipping, the optimizer step and the LR schedule. `recipe_step_parts` builds fresh parts from a model configuration.
+micro-batches: counts (host data) summed over ranks on the host so the losses are normalised over the global batch
+(`engine.normalization`), forward + backward per micro-batch under `accelerator.accumulate`, one all-reduce of the
+loss components with a per-rank non-finite flag (a NaN/inf on ANY rank raises NonFiniteLossError on EVERY rank,
+before the optimizer step), clipping, the optimizer step and the LR schedule. The step reads the device ONCE: the
+reduced losses, flags, gradient norm and GradNorm's norms in one transfer (tests/test_cpu_paths.py holds it to
+that). `recipe_step_parts` builds fresh parts from a model configuration.
 
 Called by `engine.trainer.Trainer` (its parts and `Trainer.train_step`), `engine.memory` (the batch-size probe),
 `perf.train_bench` (the benchmark's step and end-to-end sections) and `perf.autotune`.
@@ -23,10 +25,10 @@ import torch
 from torch import nn
 
 from rock_dist.config import LossConfig
-from rock_dist.engine.distributed import all_reduce_sum, injected_fault
+from rock_dist.engine.distributed import all_reduce_sum, host_all_reduce_sum, injected_fault
 from rock_dist.engine.fast_path import (Recipe, accelerate_precision, make_optimizer, maybe_compile,
                                         prepare_model_for_training, recipe_matcher)
-from rock_dist.engine.normalization import COUNT_KEYS, loss_ratios, micro_batch_counts, normalized_losses
+from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses, tasks_present
 from rock_dist.engine.task_weighting import TaskWeighting
 from rock_dist.engine.runtime import local_accelerator
 from rock_dist.errors import DataError, NonFiniteLossError
@@ -140,7 +142,10 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
                             "per process")
 
     counts = [micro_batch_counts(b) for b in micro_batches]
-    global_counts = _sum_over_ranks(parts, torch.stack(counts).sum(0).to(parts.device)).cpu()
+    # Host data all-reduced on the host (engine.distributed.host_all_reduce_sum): a round trip through the
+    # accelerator here would make the host wait for the previous step's queued kernels.
+    local_counts = torch.stack(counts).sum(0)
+    global_counts = host_all_reduce_sum(local_counts) if parts.world_size > 1 else local_counts
     num_micro_global = k * parts.world_size
     lr = parts.optimizer.param_groups[0]["lr"]
     weighting = parts.weighting
@@ -182,7 +187,20 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
     flags[parts.rank] = nonfinite
     packed = torch.cat([torch.stack([sums[n] for n in names]), flags, *task_grads.values()])
     reduced_all = _sum_over_ranks(parts, packed)
-    reduced = reduced_all[:len(names) + parts.world_size].tolist()  # also the step's host synchronisation point
+    head = len(names) + parts.world_size
+    # Whatever else the step reports from the device rides the same transfer: the clipped gradient norm (clipping
+    # only scales the gradients in place, so it may run before the non-finite check) and GradNorm's per-task norms.
+    extras: list[torch.Tensor] = []
+    norm = acc.clip_grad_norm_(parts.model.parameters(), parts.clip_grad_norm) if parts.clip_grad_norm > 0 \
+        else None
+    if isinstance(norm, torch.Tensor):
+        extras.append(norm.detach().double().reshape(1))
+    if task_grads:
+        global_grads = reduced_all[head:].view(len(task_grads), -1) / num_micro_global
+        extras.append(global_grads.double().norm(dim=1))
+    # float32 -> float64 is exact, so every value is the one a separate float()/tolist() would give.
+    host = torch.cat([reduced_all[:head].double(), *extras]).tolist()  # THE step's one host synchronisation
+    reduced, extra_values = host[:head], host[head:]
     bad_ranks = [r for r, f in enumerate(reduced[len(names):]) if f > 0]
     if bad_ranks:
         parts.optimizer.zero_grad(set_to_none=True)
@@ -191,9 +209,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
             f"{parts.world_size} process(es) stopped before the optimizer step.{parts.advice}")
     values = {n: v / num_micro_global for n, v in zip(names, reduced)}
 
-    if parts.clip_grad_norm > 0:
-        norm = acc.clip_grad_norm_(parts.model.parameters(), parts.clip_grad_norm)
-        values["grad_norm"] = float(norm)
+    if norm is not None:
+        values["grad_norm"] = extra_values.pop(0) if isinstance(norm, torch.Tensor) else float(norm)
     if before_optimizer_step is not None:
         before_optimizer_step(parts.model)
     parts.optimizer.step()
@@ -202,11 +219,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
     parts.optimizer.zero_grad(set_to_none=True)
     values["lr"] = lr
     if weighting is not None and weights is not None:
-        present = {t: float(global_counts[COUNT_KEYS.index(t)]) > 0 for t in parts.tasks}
-        norms = None
-        if task_grads:
-            global_grads = reduced_all[len(names) + parts.world_size:].view(len(task_grads), -1) / num_micro_global
-            norms = dict(zip(task_grads, global_grads.double().norm(dim=1).tolist()))
+        present = tasks_present(global_counts, parts.tasks)
+        norms = dict(zip(task_grads, extra_values)) if task_grads else None
         weighting.update({t: values[f"loss_{t}"] for t in parts.tasks}, present, norms)
         values.update({f"weight_{t}": w for t, w in weights.items()})  # the weights this step used
     return values

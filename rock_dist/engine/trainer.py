@@ -59,8 +59,9 @@ from rock_dist.engine.loader_watch import LoaderWatch
 from rock_dist.engine.run_lock import RunLock
 from rock_dist.engine.supervision import ParentWatchdog, StopRequest, under_launcher
 from rock_dist.engine.lr_schedule import lr_factor
-from rock_dist.engine.distributed import (FAULT_ENV, all_reduce_sum, any_rank, broadcast_buffers, broadcast_object,
-                                          check_world_size, gather_objects, parse_fault_spec, state_digest)
+from rock_dist.engine.distributed import (FAULT_ENV, any_rank, broadcast_buffers, broadcast_object,
+                                          check_world_size, gather_objects, host_all_reduce_sum, min_over_ranks,
+                                          parse_fault_spec, state_digest)
 from rock_dist.engine import memory
 from rock_dist.engine.ema import ModelEma
 from rock_dist.engine.fast_path import prepare_model_for_training, training_recipe
@@ -305,8 +306,7 @@ class Trainer:
         if self.resume_data is not None and self.resume_data.get("batch_size"):
             return int(self.resume_data["batch_size"])
         found = memory.auto_train_batch_size(self.model_config, self.cfg.loss, self.recipe, self.accelerator)
-        agreed = int(self.accelerator.reduce(torch.tensor([found], device=self.device), reduction="min").item()) \
-            if self.world_size > 1 else found
+        agreed = min_over_ranks(found)
         if self.is_main:
             print(f"--auto_batch_size: {agreed} images per process (largest that fits x 0.9, minimum over "
                   f"{self.world_size} process(es))", flush=True)
@@ -394,7 +394,7 @@ class Trainer:
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, force_crops=cfg.data.force_crops, no_crops=cfg.data.no_crops,
             start_sample=self.state.samples_seen, shuffle_buffer=cfg.data.shuffle_buffer,
-            color_jitter=cfg.data.color_jitter, mode=cfg.data.data_mode)
+            color_jitter=cfg.data.color_jitter, mode=cfg.data.data_mode, decode_device=cfg.data.decode_device)
         self.loader_watch.num_workers = self._stream.num_workers
         self._iter = iter(self._stream)
 
@@ -675,10 +675,10 @@ class Trainer:
         stop = self.stop_request is not None and self.stop_request.requested
         failing = data_error is not None
         if self.world_size > 1:
-            flags = torch.zeros(2 * self.world_size, device=self.device)
+            flags = torch.zeros(2 * self.world_size)
             flags[self.rank] = float(failing)
             flags[self.world_size + self.rank] = float(stop)
-            reduced = all_reduce_sum(flags).tolist()
+            reduced = host_all_reduce_sum(flags).tolist()  # on the host: no wait for the GPU's queue
             failing = any(reduced[:self.world_size])
             stop = any(reduced[self.world_size:])
         if failing and not stop:
