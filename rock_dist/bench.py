@@ -27,15 +27,17 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # answer --help before the heavy imports below
     from rock_dist.cli import answer_help_early
+    from rock_dist.invocation import command_name
 
-    answer_help_early("BenchConfig", prog="python -m rock_dist.bench")
+    answer_help_early("BenchConfig", prog=command_name("rock_dist.bench"))
 
 import dataclasses
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -43,7 +45,9 @@ from rock_dist.cli import run_cli
 from rock_dist.config import BENCH_SECTIONS, BenchConfig, ModelConfig, parse_config, to_dict
 from rock_dist.errors import ConfigError, RockError
 from rock_dist.fsutil import atomic_write_json
+from rock_dist.invocation import command_name, command_words
 from rock_dist.engine import memory
+from rock_dist.engine.fast_path import Precision
 from rock_dist.perf import report
 from rock_dist.perf.infer_bench import saved_postprocess
 from rock_dist.perf.recipes import Recipe, fast_recipe, ladder
@@ -55,11 +59,11 @@ class Settings:
 
     sections: list[str]
     device: torch.device
-    backbone: str
+    backbone: Literal["resnet18", "resnet34", "resnet50"]
     image_size: tuple[int, int]
     batch_size: int
     infer_batch_size: int
-    precision: str | None  # None: the fast recipe's choice for the device
+    precision: Precision | None  # None: the fast recipe's choice for the device
     compile: bool | None
     warmup: int
     repeats: int
@@ -82,8 +86,8 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
     cuda = device.type == "cuda"
     quick = cfg.quick
     backbone = cfg.backbone if cfg.backbone != "auto" else ("resnet18" if quick else "resnet50")
-    image_size = tuple(cfg.image_size) if any(cfg.image_size) else ((128, 160) if quick else (480, 640))
-    stored = tuple(cfg.stored_size) if any(cfg.stored_size) else ((96, 128) if quick else (480, 640))
+    image_size = cfg.image_size if any(cfg.image_size) else ((128, 160) if quick else (480, 640))
+    stored = cfg.stored_size if any(cfg.stored_size) else ((96, 128) if quick else (480, 640))
     if min(image_size) < 64 or min(stored) < 24:
         raise ConfigError(f"--image_size {image_size} / --stored_size {stored}: too small (>= 64 / >= 24 pixels)")
     batch = cfg.batch_size or fast_recipe(device).batch_size
@@ -95,7 +99,7 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
         if value < (-1 if flag == "--warmup" else 0):
             raise ConfigError(f"{flag} {value}: must not be negative")
     return Settings(
-        sections=sections, device=device, backbone=backbone, image_size=image_size,  # type: ignore[arg-type]
+        sections=sections, device=device, backbone=backbone, image_size=image_size,
         batch_size=batch, infer_batch_size=cfg.infer_batch_size or batch,
         precision=None if cfg.precision == "auto" else cfg.precision,
         compile=None if cfg.compile == "auto" else cfg.compile == "yes",
@@ -105,7 +109,7 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
         data_samples=cfg.data_samples or (48 if quick else 200),
         # On a GPU the fast loader runs up to 8 workers, each needing its own shards (8 images per shard).
         num_images=cfg.num_images or (48 if quick else (384 if cuda else 96)),
-        stored_size=stored,  # type: ignore[arg-type]
+        stored_size=stored,
     )
 
 
@@ -157,7 +161,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
                                    num_classes=len(manifest.class_names) + 1, num_scenes=len(manifest.scene_types))
         loss_config = saved_postprocess(cfg.weights)
         recipes = ladder(device, batch_size=st.batch_size, compile=st.compile,
-                         precision=st.precision)  # type: ignore[arg-type]
+                         precision=st.precision)
         reference, fast = recipes[0], recipes[-1]
 
         meta: dict[str, Any] = {
@@ -261,7 +265,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
-    cfg = parse_config(BenchConfig, argv, prog="python -m rock_dist.bench")
+    cfg = parse_config(BenchConfig, argv, prog=command_name("rock_dist.bench"))
     err = Console(stderr=True)
     started = time.perf_counter()
 
@@ -278,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     args = list(sys.argv[1:] if argv is None else argv)
-    result["meta"]["command"] = " ".join(["python -m rock_dist.bench", *args])
+    result["meta"]["command"] = shlex.join([*command_words("rock_dist.bench"), *args])
     # Off a terminal (CI logs, pipes) Rich would wrap the wide table at 80 columns; give it room instead.
     console = Console(width=None if sys.stdout.isatty() else 200)
     for renderable in report.render(result):

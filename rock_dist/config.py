@@ -13,7 +13,10 @@ import dataclasses
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 AUX_TASKS: tuple[str, ...] = ("scene", "depth", "normals")
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
@@ -276,7 +279,7 @@ class DetectConfig:
 
 
 # ------------------------------------------------------------------------------------------------------ machinery
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -314,7 +317,7 @@ def _walk(cls: type, prefix: tuple[str, ...] = (), *, include_hidden: bool = Fal
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.extend(_walk(tp, prefix + (f.name,), include_hidden=include_hidden))
         elif include_hidden or f.metadata.get("cli", True):
             out.append((prefix + (f.name,), f, tp))
@@ -324,8 +327,8 @@ def _walk(cls: type, prefix: tuple[str, ...] = (), *, include_hidden: bool = Fal
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return dataclasses.MISSING
 
 
@@ -346,12 +349,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per (nested) field of `cls`, in `--help` sections by concern."""
     if prog is None:
-        from rock_dist.invocation import main_module
+        from rock_dist.invocation import command_name, main_module
 
-        # Under `python -m rock_dist.X` argv[0] is a file path; name the command the way users type it.
+        # Under `python -m rock_dist.X` (and its console script) argv[0] is a file path; name the command the way
+        # users type it: `python -m rock_dist.X` or `rock-x`.
         module = main_module()
         if module is not None:
-            prog = f"python -m {module}"
+            prog = command_name(module)
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--config", default="", metavar="FILE_OR_RUN_DIR", help=CONFIG_FLAG_HELP)
@@ -384,7 +388,7 @@ def _build(cls: type[T], values: dict[str, Any], hidden: dict[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, values, hidden)
         elif f.name in values and f.metadata.get("cli", True):
             value = values[f.name]
@@ -479,7 +483,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     """Parse `argv` (default: sys.argv[1:]) into an instance of the dataclass `cls`, validated.
 
     `--config FILE` (any command) supplies values for any field; flags on the command line override it.
-    `prog` names the command in usage lines (e.g. "python -m rock_dist.shards build").
+    `prog` names the command in usage lines (e.g. "python -m rock_dist.shards build"; default: the command as the
+    user typed it, see `rock_dist.invocation`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(cls, description, prog)
@@ -611,7 +616,7 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
             continue
         tp = hints[f.name]
         value = values[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             value = from_dict(tp, value)
         elif get_origin(_unwrap_optional(tp)[0]) is tuple and value is not None:
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
@@ -716,7 +721,8 @@ __all__ += ["RoomsConfig"]
 # Owner: lead. Flags of `python -m rock_dist.quickstart` (the README's main command).
 @dataclass
 class QuickstartConfig:
-    """Flags of `python -m rock_dist.quickstart`: synthetic rooms (or real NYUv2) → shards → train → evaluate → detect."""
+    """Flags of `python -m rock_dist.quickstart`: synthetic rooms (or real NYUv2) → shards → train → evaluate →
+    detect."""
 
     workdir: str = opt("Directory for everything the run writes (files, shards, checkpoints, logs, pictures).",
                        "quickstart")

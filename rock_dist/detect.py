@@ -96,7 +96,10 @@ class Detector:
 
     def __init__(self, model: torch.nn.Module, image_size: tuple[int, int], device: torch.device,
                  conf_threshold: float, nms_iou: float, max_detections: int) -> None:
-        self.model = model
+        from rock_dist.engine.checkpoint import unwrap_detector
+
+        self.model = model  # what runs the forward pass (possibly a torch.compile wrapper)
+        self.detector = unwrap_detector(model)  # its ROCKDetector, for decoding
         self.image_size = image_size
         self.device = device
         self.conf_threshold = conf_threshold
@@ -116,7 +119,7 @@ class Detector:
         outputs = self.model(batch["images"])
         # Thresholding at decode time is the same as decoding at 0.05 and filtering afterwards: a box below the
         # threshold can never suppress one above it in NMS, and the kept ones are the top scores anyway.
-        decoded = self.model.postprocess(outputs, score_threshold=self.conf_threshold, nms_iou=self.nms_iou,
+        decoded = self.detector.postprocess(outputs, score_threshold=self.conf_threshold, nms_iou=self.nms_iou,
                                          max_detections=self.max_detections)
         results = []
         for im, det in zip(images, decoded):
@@ -171,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, model_config, meta = load_model(cfg.model_path, device)
     check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
     # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
-    model = apply_inference_recipe(model, inference_recipe(), device).model
+    runner = apply_inference_recipe(model, inference_recipe(), device).model
     for flag, task in (("--scene_output_path", "scene"), ("--depth_output_path", "depth"),
                        ("--normals_output_path", "normals")):
         if getattr(cfg, flag[2:]) and task not in model_config.tasks:
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     given = {name: getattr(cfg, name) for name in ("conf_threshold", "nms_iou", "max_detections")}
     post = resolve_postprocess(meta["postprocess"], **given)
-    detector = Detector(model, tuple(model_config.image_size), device, post.conf_threshold, post.nms_iou,
+    detector = Detector(runner, model_config.image_size, device, post.conf_threshold, post.nms_iou,
                         post.max_detections)
     inputs = list_inputs(Path(cfg.image_path))
     stems = _output_stems(inputs)

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, model_config, meta = load_model(cfg.model_path, accelerator.device)
     check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
     # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
-    model = apply_inference_recipe(model, inference_recipe(), accelerator.device).model
+    runner = apply_inference_recipe(model, inference_recipe(), accelerator.device).model
     class_names = list(manifest.class_names)
     if len(class_names) != model_config.num_classes - 1:
         raise DataError(f"{cfg.model_path}: the model predicts {model_config.num_classes - 1} classes but "
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {name: getattr(cfg, name) for name in ("score_threshold", "nms_iou", "max_detections")}
     loss_config = resolve_postprocess(meta["postprocess"], **given)
 
-    image_size = tuple(model_config.image_size)
+    image_size = model_config.image_size
     target_size = feature_map_sizes(image_size, model_config.backbone)[0]
     loader = make_eval_loader(cfg.test_path, image_size=image_size, target_size=target_size,
                               batch_size=cfg.batch_size,
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = EvalProgress("evaluating", getattr(loader, "num_samples", None),
                             enabled=not cfg.no_verbose and accelerator.is_main_process)
     with progress:
-        metrics = evaluate(model, loader, accelerator, loss_config=loss_config, out_dir=cfg.coco_json_save_path,
+        metrics = evaluate(runner, loader, accelerator, loss_config=loss_config, out_dir=cfg.coco_json_save_path,
                            show_all_cats=cfg.show_all_cats, class_names=class_names, backend=cfg.coco_backend,
                            progress=progress.advance, expected_images=manifest.num_samples)
 

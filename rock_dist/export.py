@@ -28,7 +28,7 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -36,6 +36,9 @@ from rock_dist.cli import run_cli
 from rock_dist.config import ExportConfig, ModelConfig, parse_config, to_dict
 from rock_dist.errors import ConfigError, RockError
 from rock_dist.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from rock_dist.model.detector import ROCKDetector
 
 INPUT_NAME = "images"
 METADATA_KEY = "rock_dist"
@@ -61,7 +64,7 @@ def output_names(tasks: Sequence[str]) -> list[str]:
 class ExportWrapper(torch.nn.Module):
     """The detector with positional outputs (ONNX graphs have no dict outputs) and its priors as the last one."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: ROCKDetector) -> None:
         super().__init__()
         self.model = model
         self.names = output_names(model.tasks)[:-1]
@@ -107,7 +110,7 @@ def onnx_metadata(model_config: ModelConfig, meta: dict[str, Any]) -> dict[str, 
             "outputs": output_names(model_config.tasks)}
 
 
-def export_onnx(model: torch.nn.Module, model_config: ModelConfig, meta: dict[str, Any], out: Path,
+def export_onnx(model: ROCKDetector, model_config: ModelConfig, meta: dict[str, Any], out: Path,
                 opset: int) -> None:
     """Write `model` (eval mode, on the CPU) to `out` as ONNX with a dynamic batch axis, atomically."""
     import onnx
@@ -120,6 +123,8 @@ def export_onnx(model: torch.nn.Module, model_config: ModelConfig, meta: dict[st
                                     output_names=output_names(model_config.tasks),
                                     dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
                                     verbose=False)
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(onnx_metadata(model_config, meta))
@@ -127,7 +132,7 @@ def export_onnx(model: torch.nn.Module, model_config: ModelConfig, meta: dict[st
         onnx.save(proto, str(tmp))
 
 
-def compare_with_onnxruntime(path: Path, model: torch.nn.Module, image_size: Sequence[int], batch_size: int = 2,
+def compare_with_onnxruntime(path: Path, model: ROCKDetector, image_size: Sequence[int], batch_size: int = 2,
                              seed: int = 0) -> dict[str, float]:
     """max |ONNX − PyTorch| / max |PyTorch| per output, for one random batch run through both."""
     import onnxruntime

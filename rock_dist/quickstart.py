@@ -27,6 +27,7 @@ from rich.table import Table
 from rock_dist.cli import run_cli
 from rock_dist.config import QuickstartConfig, parse_config
 from rock_dist.errors import ConfigError, RockError
+from rock_dist.invocation import command_name
 
 # Logs and pipes get 132 columns (Rich's 80 would cut the comparison tables' names short); terminals their own width.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
@@ -86,7 +87,7 @@ def _official_files(directory: Path) -> OfficialFiles:
     missing = [str(p) for p in (dataset, splits) if not p.exists()]
     if normals is None:
         missing.append(str(directory / "normals_gt") + " (or normals_gt.tgz)")
-    if missing:
+    if missing or normals is None:  # (normals is None only with a non-empty `missing`)
         raise ConfigError(f"--nyuv2_dir {directory}: missing {', '.join(missing)}")
     val_split = directory / "val_split.txt"
     return OfficialFiles(dataset, splits, normals, val_split if val_split.exists() else None)
@@ -195,7 +196,7 @@ def resolve_run(cfg: QuickstartConfig, deadline: float, eval_images: int) -> Res
     """Input size, batch and iterations: exactly the flags with --num_iters, else sized to the time budget."""
     from rock_dist.quickstart_plan import TIERS, plan_training
 
-    requested = tuple(cfg.image_size) if cfg.image_size != (0, 0) else None
+    requested = cfg.image_size if cfg.image_size != (0, 0) else None
     if cfg.num_iters > 0:
         size = requested or TIERS[0].image_size
         batch = cfg.batch_size or TIERS[0].batch_size
@@ -251,6 +252,11 @@ def _final_task_weights(run: RunOutputs) -> dict[str, float]:
     return weighting.weights()
 
 
+def _cell(metrics: dict[str, float], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    value = metrics.get(key)
+    return "—" if value is None else f"{value * scale:.{digits}f}"
+
+
 def _comparison_table(runs: Sequence[RunOutputs], title: str, weights: bool = False) -> Table:
     table = Table(title=title)
     columns = ["model", "AP@[.5:.95]", "AP@.5", "scene acc", "depth abs-rel", "normals mean°", "train s"]
@@ -260,13 +266,8 @@ def _comparison_table(runs: Sequence[RunOutputs], title: str, weights: bool = Fa
                          no_wrap=column == "model" or column.startswith("final"))
     for run in runs:
         m = _metrics(run.metrics)
-
-        def fmt(key: str, scale: float = 1.0, digits: int = 1) -> str:
-            value = m.get(key)
-            return "—" if value is None else f"{value * scale:.{digits}f}"
-
-        row = [run.name, fmt("AP", 100), fmt("AP50", 100), fmt("scene_accuracy", 100), fmt("depth_abs_rel", 1, 3),
-               fmt("normals_mean"), f"{run.train_seconds:.0f}"]
+        row = [run.name, _cell(m, "AP", 100), _cell(m, "AP50", 100), _cell(m, "scene_accuracy", 100),
+               _cell(m, "depth_abs_rel", 1, 3), _cell(m, "normals_mean"), f"{run.train_seconds:.0f}"]
         if weights:
             final = _final_task_weights(run)
             row.append(" / ".join(f"{final[t]:.3g}" for t in ("scene", "depth", "normals")))
@@ -275,7 +276,7 @@ def _comparison_table(runs: Sequence[RunOutputs], title: str, weights: bool = Fa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(QuickstartConfig, argv, prog="python -m rock_dist.quickstart")
+    cfg = parse_config(QuickstartConfig, argv, prog=command_name("rock_dist.quickstart"))
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -47,6 +47,7 @@ from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard, write
 from rock_dist.data.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample, sample_key,
                                         write_shard)
 from rock_dist.errors import ConfigError, DataError
+from rock_dist.invocation import command_name
 from rock_dist.fsutil import pid_alive
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -499,25 +500,25 @@ def verify(path: str | os.PathLike[str], *, decode: bool = True) -> tuple[list[s
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-USAGE = """usage: python -m rock_dist.shards {build,verify} [flags]
+USAGE = """usage: {command} {{build,verify}} [flags]
 
-  build   official NYUv2 files -> OUT/{train,test[,val]}/shard-*.tar + manifest.json
+  build   official NYUv2 files -> OUT/{{train,test[,val]}}/shard-*.tar + manifest.json
   verify  check a shard directory against its manifests (counts, checksums, decodability)
 
-Run `python -m rock_dist.shards build --help` or `... verify --help` for the flags."""
+Run `{command} build --help` or `... verify --help` for the flags."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE.format(command=command_name("rock_dist.shards")))
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "build":
-        build_shards(parse_config(ShardsBuildConfig, rest, prog="python -m rock_dist.shards build"))
+        build_shards(parse_config(ShardsBuildConfig, rest, prog=f"{command_name('rock_dist.shards')} build"))
         return 0
     if command == "verify":
-        cfg = parse_config(ShardsVerifyConfig, rest, prog="python -m rock_dist.shards verify")
+        cfg = parse_config(ShardsVerifyConfig, rest, prog=f"{command_name('rock_dist.shards')} verify")
         problems, summaries = verify(cfg.path, decode=not cfg.no_decode)
         for line in summaries:
             print(line)

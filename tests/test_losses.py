@@ -218,7 +218,10 @@ def test_targets_at_another_size_are_resized_nearest() -> None:
     normals = torch.nn.functional.normalize(torch.randn(2, 3, 4, 5), dim=1)
     mask = torch.rand(2, 1, 4, 5) > 0.3
     pred_n = torch.randn(2, 3, 4, 5)
-    up = lambda t: t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # noqa: E731
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
     torch.testing.assert_close(normals_loss(pred_n, up(normals), up(mask), has),
                                normals_loss(pred_n, normals, mask, has))
 

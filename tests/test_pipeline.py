@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest

@@ -174,7 +174,7 @@ def test_background_gets_wall_and_floor_labels() -> None:
 
 def test_raw_depth_has_kinect_holes_where_depths_has_none() -> None:
     _, views = _views("office", seed=5, count=2, h=96, w=128)
-    for cam, view in views:
+    for _cam, view in views:
         assert np.all(view.depth > 0) and np.all(np.isfinite(view.depth))
         holes = view.raw_depth == 0
         assert 0.005 < holes.mean() < 0.6

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rock_dist.engine.task_weighting import WEIGHTINGS, build_task_weighting
+from rock_dist.engine.task_weighting import WEIGHTINGS, TaskWeighting, build_task_weighting
 
 BASE = {"scene": 3.0, "depth": 3.0, "normals": 30.0}
 TASKS = ("scene", "depth", "normals")
@@ -110,7 +110,9 @@ def test_an_absent_task_keeps_its_weight_and_state(name: str) -> None:
 
 @pytest.mark.parametrize("name", WEIGHTINGS)
 def test_state_round_trips_through_a_checkpoint(name: str, tmp_path) -> None:
-    make = lambda: build_task_weighting(name, TASKS, BASE, dwa_window=2)  # noqa: E731
+    def make() -> TaskWeighting:
+        return build_task_weighting(name, TASKS, BASE, dwa_window=2)
+
     norms = {"scene": 1.0, "depth": 0.5, "normals": 0.1}
     sequence = [{"scene": 2.0 - 0.1 * i, "depth": 0.3 + 0.01 * i, "normals": 0.5 - 0.02 * i} for i in range(7)]
     straight = make()

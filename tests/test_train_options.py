@@ -203,7 +203,8 @@ def test_early_stopping_stops_every_rank_and_its_count_survives_resume(shard_dir
     result = train(make_cfg(shard_dir, save, *common, "--early_stopping_patience", "2", val=True))
     assert result.early_stopped and result.step == 3 and len(result.losses) == 3
     out = capsys.readouterr().out
-    assert "early stopping: val AP has not improved for 2 validation(s)" in out and "stopping at iteration 3 of 8" in out
+    assert "early stopping: val AP has not improved for 2 validation(s)" in out
+    assert "stopping at iteration 3 of 8" in out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"))

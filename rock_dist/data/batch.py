@@ -30,7 +30,7 @@ def _stack_shared(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors), out=out)
 
 
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack per-sample dicts (from `TrainTransform` / `EvalTransform`) into one batch dict (docs/data_format.md).
 
     Boxes are padded to M = max(1, most boxes in the batch) with label 0; M >= 1 keeps every shape non-empty so
@@ -54,7 +54,7 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
             boxes[i, :n] = s["boxes"]
             labels[i, :n] = s["labels"]
     deferred = any("jpeg_geometry" in s for s in samples)
-    out = {
+    out: dict[str, Any] = {  # tensors, and the list of JPEG tensors with deferred decoding
         "boxes": boxes,
         "labels": labels,
         "scene": torch.tensor([int(s["scene"]) for s in samples], dtype=torch.int64),

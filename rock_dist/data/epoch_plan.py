@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from rock_dist.data.sources import stable_seed
 MIX_BLOCK = 4096  # positions whose source draws come from one RNG (cheap to replay when resuming far in)
 
 
-class _LRU(OrderedDict):  # type: ignore[type-arg]
+class _LRU(OrderedDict[Any, Any]):
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity

@@ -143,7 +143,7 @@ def read_splits(path: str | os.PathLike[str], num_images: int) -> dict[str, np.n
     except NotImplementedError:
         raise DataError(f"{path}: is a MATLAB v7.3 (HDF5) file; splits.mat must be a MATLAB v5 file") from None
     except Exception as err:  # scipy raises assorted types (ValueError, TypeError, MatReadError) on junk
-        raise DataError(f"{path}: not a readable MATLAB v5 file ({err})") from None
+        raise DataError(f"{path}: not a readable MATLAB v5 file ({err})") from err
     out: dict[str, np.ndarray] = {}
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         if key not in mat:
@@ -244,7 +244,7 @@ class NormalsSource:
     def _open_tar(self) -> tarfile.TarFile:
         if self._tar is None or self._tar_pid != os.getpid():
             try:
-                self._tar = tarfile.open(self.path, "r:*")
+                self._tar = tarfile.open(self.path, "r:*")  # noqa: SIM115 - kept open across reads, closed by close()
             except TAR_ERRORS as err:
                 raise DataError(f"{self.path}: not a readable tar/tgz archive ({err})") from None
             self._tar_pid = os.getpid()

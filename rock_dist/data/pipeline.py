@@ -38,7 +38,7 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -285,7 +285,7 @@ def _loader_kwargs(num_workers: int, persistent: bool) -> dict[str, Any]:
     return kwargs
 
 
-def _raise_failures(batches: Iterable[Any]) -> Iterator[dict[str, torch.Tensor]]:
+def _raise_failures(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
     for batch in batches:
         if isinstance(batch, WorkerFailure):
             raise DataError(batch.message)
@@ -407,11 +407,11 @@ class TrainStream:
                 start_batch=self.start_sample // per_step, transform=self._transform))
         return DataLoader(dataset, **_loader_kwargs(self.num_workers, persistent=True))
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
         if self._loader is None:
             self._loader = self._make_loader()
         batches = _raise_failures(self._loader)
-        return batches if self._decoder is None else map(self._decoder, batches)  # type: ignore[arg-type]
+        return batches if self._decoder is None else map(self._decoder, batches)
 
 
 def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,

@@ -34,6 +34,7 @@ from rock_dist.data.rooms_scenes import (DISTRACTOR_IDS, NYU_CEILING, NYU_FLOOR,
 from rock_dist.data.synthetic import (OfficialPaths, allocate_official_arrays, official_like_names,
                                       write_official_layout)
 from rock_dist.errors import ConfigError
+from rock_dist.invocation import command_name
 
 _NYU_TO_CLASS = {nyu: class_id(name) for name, nyu in NYU_LABEL_IDS.items()}
 
@@ -430,7 +431,7 @@ def render_scene_views(room: Room, num_views: int, intrinsics: Intrinsics, rng: 
     views: list[RenderedView] = []
     for _ in range(num_views):
         best: RenderedView | None = None
-        for attempt in range(tries):
+        for _ in range(tries):
             camera = sample_camera(room, rng, intrinsics, max_distance=camera_distance)
             view = render_view(room, camera, rng, min_object_pixels=min_object_pixels)
             too_close = float(np.mean(view.depth < 0.6))
@@ -568,7 +569,7 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
 # ----------------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rock_dist.data.rooms --out DIR --num_images N --seed S [--height H --width W]`."""
-    cfg = parse_config(RoomsConfig, argv, prog="python -m rock_dist.data.rooms")
+    cfg = parse_config(RoomsConfig, argv, prog=command_name("rock_dist.data.rooms"))
     start = time.perf_counter()
     step = max(1, cfg.num_images // 20)
 

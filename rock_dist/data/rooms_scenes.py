@@ -17,7 +17,7 @@ import colorsys
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -149,11 +149,17 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
+def _rgb(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Three numbers as an RGB tuple of floats."""
+    r, g, b = values
+    return float(r), float(g), float(b)
+
+
 def _jit(rng: np.random.Generator, base: tuple[float, float, float], amount: float = 0.06
          ) -> tuple[float, float, float]:
     """A colour near `base`: per-instance variation without leaving the class's colour family."""
-    c = np.clip(np.asarray(base) * (1 + rng.uniform(-amount, amount)) + rng.uniform(-amount, amount, 3) / 2, 0, 1)
-    return (float(c[0]), float(c[1]), float(c[2]))
+    return _rgb(np.clip(np.asarray(base) * (1 + rng.uniform(-amount, amount)) + rng.uniform(-amount, amount, 3) / 2,
+                        0, 1))
 
 
 def _pick(rng: np.random.Generator, options: list[tuple[float, float, float]]) -> tuple[float, float, float]:
@@ -196,8 +202,8 @@ def tint_objects(objects: list[SceneObject], strength: float) -> None:
         if signature is None:
             continue
         for part in obj.parts:
-            colour = tuple(float((1 - strength) * c + strength * t) for c, t in zip(part.material.color, signature))
-            part.material = dataclasses.replace(part.material, color=colour)  # type: ignore[arg-type]
+            colour = _rgb([(1 - strength) * c + strength * t for c, t in zip(part.material.color, signature)])
+            part.material = dataclasses.replace(part.material, color=colour)
 
 
 # ---------------------------------------------------------------------------------------------------- catalogue
@@ -419,8 +425,7 @@ def _window(rng: np.random.Generator, variant: str) -> SceneObject:
 
 
 def _picture(rng: np.random.Generator, variant: str) -> SceneObject:
-    mat = Material(tuple(float(c) for c in rng.uniform(0.1, 0.9, 3)), "picture",  # type: ignore[arg-type]
-                   accent=tuple(float(c) for c in rng.uniform(0.1, 0.9, 3)))  # type: ignore[arg-type]
+    mat = Material(_rgb(rng.uniform(0.1, 0.9, 3)), "picture", accent=_rgb(rng.uniform(0.1, 0.9, 3)))
     return _flat(rng, "picture", _u(rng, 0.3, 0.9), _u(rng, 0.3, 0.7), mat)
 
 
@@ -597,10 +602,10 @@ def _scatter(lay: _Layout, rng: np.random.Generator, name: str, lo: int, hi: int
 
 
 def _bedroom(lay: _Layout, rng: np.random.Generator) -> None:
-    bed = _new("bed", rng)
-    bed = lay.against_wall(bed, clearance=0.5) or lay.against_wall(bed, tries=60)  # a bedroom has a bed
+    new_bed = _new("bed", rng)
+    bed = lay.against_wall(new_bed, clearance=0.5) or lay.against_wall(new_bed, tries=60)  # a bedroom has a bed
     if bed is not None:
-        for i in range(_count(rng, 1, 3)):
+        for _ in range(_count(rng, 1, 3)):
             lay.on(_new("pillow", rng), bed, y_range=(-1.0, -0.75), yaw_jitter=0.1)
         for side in (-1, 1):
             if _maybe(rng, 0.65):

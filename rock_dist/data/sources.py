@@ -27,7 +27,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterator
 
 import braceexpand
 
@@ -73,10 +73,10 @@ class Source:
 
     @property
     def num_samples(self) -> int:
-        counts = [s.num_samples for s in self.shards]
-        if any(c is None for c in counts):
+        counts = [s.num_samples for s in self.shards if s.num_samples is not None]
+        if len(counts) < len(self.shards):
             raise DataError(f"source {self.spec!r}: sample counts unknown (no manifest)")
-        return int(sum(counts))  # type: ignore[arg-type]
+        return int(sum(counts))
 
     @property
     def counts_known(self) -> bool:
@@ -86,7 +86,9 @@ class Source:
 # ------------------------------------------------------------------------------------------------------ parsing
 def split_source_list(spec: str) -> list[tuple[str, float | None]]:
     """Split ``SRC[:WEIGHT],SRC[:WEIGHT]`` at top-level commas (not inside braces); parse the weights."""
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in spec:
         if ch == "{":
             depth += 1
@@ -150,7 +152,7 @@ def _fetch_remote_manifest(pattern: str) -> dict[str, Any]:
     directory = tok.group(0).rsplit("/", 1)[0] if "/" in tok.group(0) else ""
     replacement = f"{directory}/{MANIFEST_NAME}" if directory else MANIFEST_NAME
     url = pattern[:tok.start()] + replacement + pattern[tok.end():]
-    import webdataset as wds  # noqa: PLC0415 - heavy import only for remote sources
+    import webdataset as wds  # heavy import only for remote sources
 
     try:
         stream = wds.gopen(url)
@@ -159,7 +161,7 @@ def _fetch_remote_manifest(pattern: str) -> dict[str, Any]:
         finally:
             stream.close()
         data = json.loads(text)
-    except Exception as err:  # noqa: BLE001 - any failure of an external command is the user's to fix
+    except Exception as err:  # any failure of an external command is the user's to fix
         raise DataError(f"source {pattern!r}: cannot read its manifest with {url!r} ({err}); the loader plans epochs "
                         f"from manifests: keep {MANIFEST_NAME} next to the shards") from err
     return _check_manifest_dict(data, url)
@@ -282,13 +284,13 @@ class _CountingReader:
         return data
 
     def drain(self) -> None:
-        while chunk := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
 
 
 def _open(url: str) -> IO[bytes]:
     if _REMOTE_RE.match(url):
-        import webdataset as wds  # noqa: PLC0415
+        import webdataset as wds  # heavy import only for remote sources
 
         return wds.gopen(url)
     return open(url, "rb", buffering=1 << 20)
@@ -303,34 +305,35 @@ def iter_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     count = 0
     try:
         raw = _open(shard.url)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # whatever the opener raises (OSError, a pipe command's error)
         raise DataError(f"shard {shard.url}: cannot open ({err})") from err
     reader = _CountingReader(raw)
     current: dict[str, Any] | None = None
     completed = False
     try:
         try:
-            tar = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]
-            for member in tar:
-                parts = sample_member(member)
-                if parts is None:
-                    continue
-                key, suffix = parts
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise DataError(f"shard {shard.url}: member {member.name} is truncated "
-                                    f"({len(data)} of {member.size} bytes)")
-                tar.members = []  # stream mode keeps every TarInfo otherwise
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        count += 1
-                        yield current
-                    current = {"__key__": key, "__url__": shard.url}
-                if suffix in current:
-                    raise DataError(f"shard {shard.url}: member {member.name} appears twice in sample {key!r}")
-                current[suffix] = data
-            reader.drain()
+            # Stream mode ("r|") only calls read(); typeshed's fileobj protocol also asks for write, seek and tell.
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    parts = sample_member(member)
+                    if parts is None:
+                        continue
+                    key, suffix = parts
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise DataError(f"shard {shard.url}: member {member.name} is truncated "
+                                        f"({len(data)} of {member.size} bytes)")
+                    tar.members = []  # stream mode keeps every TarInfo otherwise
+                    if current is None or current["__key__"] != key:
+                        if current is not None:
+                            count += 1
+                            yield current
+                        current = {"__key__": key, "__url__": shard.url}
+                    if suffix in current:
+                        raise DataError(f"shard {shard.url}: member {member.name} appears twice in sample {key!r}")
+                    current[suffix] = data
+                reader.drain()
         except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as err:
             raise DataError(f"shard {shard.url}: corrupt or truncated tar ({type(err).__name__}: {err}); "
                             "rebuild or re-download it") from err
@@ -353,7 +356,7 @@ def iter_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     finally:
         try:
             raw.close()  # for pipe: this waits for the command and raises on a failing exit status
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             # Report a failing command only when nothing else is being raised and the shard was read to the end
             # (a consumer that stops early makes the writer die of SIGPIPE, which is not an error).
             if completed:

@@ -276,6 +276,15 @@ def make_random_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heig
     scene_types = ["" if i in missing else scene_type_of[scene_of_image[i]] for i in range(n)]
     scenes = [scene_names[scene_of_image[i]] for i in range(n)]
 
+    def paint(i: int, rect: tuple[int, int, int, int], nyu: int, inst: int) -> None:
+        """An object part on image i: its label and instance, a flat colour, closer depth, one normal."""
+        x0, y0, x1, y1 = rect
+        labels[i, y0:y1 + 1, x0:x1 + 1] = nyu
+        instances[i, y0:y1 + 1, x0:x1 + 1] = inst
+        images[i, y0:y1 + 1, x0:x1 + 1] = rng.integers(0, 256, 3)
+        depths[i, y0:y1 + 1, x0:x1 + 1] -= 0.3
+        normals[i, y0:y1 + 1, x0:x1 + 1] = _random_unit(rng)
+
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     truth: dict[int, dict[str, Any]] = {}
     for i in range(n):
@@ -306,14 +315,6 @@ def make_random_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heig
             y1 = min(r * ch + ch - 1, y0 + 2 + int(rng.integers(0, ch // 2)))
             return x0, y0, x1, y1
 
-        def paint(rect: tuple[int, int, int, int], nyu: int, inst: int) -> None:
-            x0, y0, x1, y1 = rect
-            labels[i, y0:y1 + 1, x0:x1 + 1] = nyu
-            instances[i, y0:y1 + 1, x0:x1 + 1] = inst
-            images[i, y0:y1 + 1, x0:x1 + 1] = rng.integers(0, 256, 3)
-            depths[i, y0:y1 + 1, x0:x1 + 1] -= 0.3
-            normals[i, y0:y1 + 1, x0:x1 + 1] = _random_unit(rng)
-
         for name in chosen:
             if len(cells) < 1:
                 break
@@ -324,13 +325,13 @@ def make_random_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heig
             if cells and rng.random() < 0.3:
                 parts.append(rect_in(cells.pop()))  # a second, disjoint part of the same object
             for rect in parts:
-                paint(rect, NYU_LABEL_IDS[name], inst)
+                paint(i, rect, NYU_LABEL_IDS[name], inst)
             boxes.append([min(p[0] for p in parts), min(p[1] for p in parts),
                           max(p[2] for p in parts), max(p[3] for p in parts)])
             box_labels.append(class_id(name))
         if cells and rng.random() < 0.5:
             # A target-class region without an instance number: labelled, but not an object (no box).
-            paint(rect_in(cells.pop()), NYU_LABEL_IDS[CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]], 0)
+            paint(i, rect_in(cells.pop()), NYU_LABEL_IDS[CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]], 0)
 
         masks[i, :, : max(1, width // 10)] = False  # an invalid border strip, as in the real normal maps
         raw = depths[i].copy()

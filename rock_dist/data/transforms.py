@@ -336,7 +336,7 @@ def sample_ssd_crop(boxes: torch.Tensor, image_size: Size, rng: random.Random, *
             x0, x1 = int(left * W), min(W, max(int((left + side) * W), int(left * W) + 1))
             y0, y1 = int(top * H), min(H, max(int((top + side) * H), int(top * H) + 1))
             crop = (x0 / W, y0 / H, x1 / W, y1 / H)
-            if mode is not None and not _min_iou_above(box_list, crop, float(mode)):  # type: ignore[arg-type]
+            if mode is not None and not _min_iou_above(box_list, crop, float(mode)):
                 continue
             keep = [crop[0] < cx < crop[2] and crop[1] < cy < crop[3] for cx, cy in centres]
             if not any(keep):

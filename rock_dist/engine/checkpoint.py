@@ -25,7 +25,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 
 import torch
 
@@ -34,6 +34,9 @@ from rock_dist.engine.weights import (WEIGHTS_FORMAT, describe, is_portable, por
                                       stored_postprocess, training_provenance, write_safetensors)
 from rock_dist.errors import CheckpointError, DataError
 from rock_dist.fsutil import atomic_path, atomic_torch_save, atomic_write_json
+
+if TYPE_CHECKING:
+    from rock_dist.model.detector import ROCKDetector
 
 CHECKPOINT_FORMAT = "rock_dist-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -73,6 +76,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def unwrap_detector(model: torch.nn.Module) -> ROCKDetector:
+    """`unwrap(model)` typed as the detector it is in this package (a ROCKDetector, or a stand-in with its interface
+    in tests: not checked at run time)."""
+    return cast("ROCKDetector", unwrap(model))
 
 
 def to_cpu(obj: Any) -> Any:
@@ -160,7 +169,7 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str
     return "; ".join(parts)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelConfig,
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[ROCKDetector, ModelConfig,
                                                                                 dict[str, Any]]:
     """Build the model stored in `path` (weights file or training checkpoint) on `device`, in eval mode.
 
@@ -270,9 +279,10 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def save_with_space_check(path: Path, obj: Any, write: Callable[[Path, Any], None] = atomic_torch_save) -> None:
-    """`write` (an atomic writer, `atomic_torch_save` by default) that first checks the free space of the target's file system (the new file is complete
-    before any older one is removed, so a whole file's worth must be free) and turns a failed write into one
-    CheckpointError naming the directory; what was saved before stays intact either way."""
+    """`write` (an atomic writer, `atomic_torch_save` by default) that first checks the free space of the target's
+    file system (the new file is complete before any older one is removed, so a whole file's worth must be free) and
+    turns a failed write into one CheckpointError naming the directory; what was saved before stays intact either
+    way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     needed = int(_tensor_bytes(obj) * _SPACE_MARGIN) + (1 << 20)
     free = shutil.disk_usage(path.parent).free
@@ -302,7 +312,7 @@ def remove_stale_temps(save_dir: str | Path) -> list[tuple[str, int]]:
     return removed
 
 
-def samples_seen_of(data: dict[str, Any]) -> int:
+def samples_seen_of(data: Mapping[str, Any]) -> int:
     """The global data position of a training checkpoint, also for checkpoints that stored micro-batches per rank
     (their stream started at epoch 0 and every rank had taken `batch_in_epoch` batches of `batch_size`)."""
     if "samples_seen" in data:
@@ -356,6 +366,6 @@ def training_checkpoint(*, model: torch.nn.Module, model_config: ModelConfig, cl
 
 __all__ = ["WEIGHTS_FORMAT", "CHECKPOINT_FORMAT", "BEST_NAME", "FINAL_WEIGHTS_NAME", "FINAL_EMA_WEIGHTS_NAME",
            "AUTO_RESUME", "strip_wrapper_prefixes",
-           "unwrap", "to_cpu", "model_state", "save_weights", "read_checkpoint", "load_model",
+           "unwrap", "unwrap_detector", "to_cpu", "model_state", "save_weights", "read_checkpoint", "load_model",
            "periodic_checkpoints", "resolve_resume_path", "CheckpointManager", "training_checkpoint",
            "samples_seen_of", "save_with_space_check", "remove_stale_temps"]

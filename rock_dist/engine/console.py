@@ -167,8 +167,8 @@ class EvalProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None and self._bar is self.inside:
-            self._bar.remove_task(self._task)
+        if self.inside is not None and self._bar is self.inside:
+            self.inside.remove_task(self._task)
         elif self._bar is not None:
             self._bar.stop()
         self._bar = None

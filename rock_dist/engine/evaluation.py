@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from rock_dist.engine.checkpoint import unwrap
+from rock_dist.engine.checkpoint import unwrap_detector
 from rock_dist.engine.coco import STAT_NAMES, build_detections, build_ground_truth, format_percent, run_coco_eval
 from rock_dist.engine.distributed import broadcast_object, gather_objects, is_distributed, rank
 from rock_dist.engine.metrics import AUX_METRIC_NAMES, aggregate_aux_stats, aux_image_stats
@@ -157,7 +157,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
     # ranks with unequal batch counts would wait on forever) nor through the trainer's torch.compile wrapper
     # (`accelerator.unwrap_model(..., keep_torch_compile=True)` re-points that live wrapper at the bare module,
     # silently dropping DDP's gradient all-reduce from every later training step).
-    forward = plain = unwrap(model)
+    forward = plain = unwrap_detector(model)
     device = accelerator.device if accelerator is not None else next(plain.parameters()).device
     tasks = tuple(getattr(plain, "tasks", ()))
     was_training = plain.training
@@ -175,7 +175,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
             records.extend(batch_records(batch, detections, aux_image_stats(outputs, batch, tasks)))
             if progress is not None:
                 progress(int(batch["image_id"].shape[0]))
-    except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know about it
+    except Exception as err:  # re-raised below, after the other ranks know about it
         if not is_distributed():
             raise
         # Raising here would leave the other ranks waiting in the gather forever: carry the failure through it.
@@ -208,7 +208,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]
                                       out_dir=out_dir, extra=extra)
             metrics["seconds"] = time.perf_counter() - start
             result = {"metrics": metrics}
-        except Exception as err:  # noqa: BLE001 - broadcast so that the other ranks do not hang
+        except Exception as err:  # broadcast so that the other ranks do not hang
             if not is_distributed():
                 raise
             result = {"error": f"{type(err).__name__}: {err}", "rock": isinstance(err, RockError),

@@ -20,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Literal
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal
 
 import torch
 from torch import nn
 
 from rock_dist.model.boxes import MatchResult, match_priors
 from rock_dist.model.losses import Matcher
+
+if TYPE_CHECKING:
+    from rock_dist.model.detector import ROCKDetector
 
 Precision = Literal["fp32", "bf16", "fp16"]
 LoaderKind = Literal["reference", "rock_dist"]
@@ -144,7 +147,8 @@ def make_optimizer(model: nn.Module, recipe: Recipe, *, lr: float, weight_decay:
 
 def maybe_compile(model: nn.Module, recipe: Recipe) -> nn.Module:
     """torch.compile(model) when the recipe asks for it (the returned wrapper shares the parameters)."""
-    return torch.compile(model) if recipe.compile else model
+    # torch.compile(module) returns an OptimizedModule (an nn.Module); its annotation says only Callable.
+    return torch.compile(model) if recipe.compile else model  # type: ignore[return-value]
 
 
 def autocast_for(recipe: Recipe, device: torch.device | str) -> Callable[[], ContextManager[Any]]:
@@ -190,11 +194,11 @@ class Applied:
     recipe: Recipe
     device: torch.device
     model: nn.Module
-    module: nn.Module
+    module: ROCKDetector
     autocast: Callable[[], ContextManager[Any]]
 
 
-def apply_inference_recipe(model: nn.Module, recipe: Recipe, device: torch.device | str) -> Applied:
+def apply_inference_recipe(model: ROCKDetector, recipe: Recipe, device: torch.device | str) -> Applied:
     """Set up inference per `recipe`: eval mode, every conv→BN pair folded (exact in eval mode), memory format,
     compile."""
     from rock_dist.model.fuse import fold_all_batchnorm

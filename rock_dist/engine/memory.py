@@ -89,7 +89,7 @@ def find_max_batch_size(try_batch: Callable[[int], Any], *, start: int = 2, max_
         try:
             try_batch(b)
             ok = True
-        except BaseException as err:  # noqa: BLE001 - only OOM is swallowed, everything else re-raised
+        except BaseException as err:  # only OOM is swallowed, everything else re-raised
             if not is_oom(err):
                 raise
             ok = False
@@ -227,7 +227,7 @@ def _grad_scaler_kept(accelerator: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        if saved:
+        if scaler is not None and saved:
             scaler.load_state_dict(saved)
 
 

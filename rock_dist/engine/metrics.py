@@ -39,7 +39,7 @@ AUX_METRIC_NAMES: dict[str, str] = {
 }
 
 
-def _match_size(prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _match_size(prediction: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:  # size: (h, w)
     # The pipeline makes targets at the first feature-map size, which is the prediction size; resize only if a
     # caller chose another target size, so the comparison is still made pixel for pixel.
     if tuple(prediction.shape[-2:]) == tuple(size):
@@ -87,8 +87,7 @@ def aux_image_stats(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, tor
         # float64 sums: exact enough that pooling per-image sums equals pooling pixels, whatever the split.
         sums = torch.stack([abs_rel.double().flatten(1).sum(1), sq.double().flatten(1).sum(1),
                             delta.flatten(1).sum(1).double(), valid.flatten(1).sum(1).double()], 1).cpu().tolist()
-        has = batch["has_depth"].cpu().tolist()
-        for i, (row, present) in enumerate(zip(sums, has)):
+        for i, (row, present) in enumerate(zip(sums, batch["has_depth"].cpu().tolist())):
             if present and row[3] > 0:
                 records[i]["depth"] = (row[0], row[1], int(row[2]), int(row[3]))
 

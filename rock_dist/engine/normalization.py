@@ -33,6 +33,7 @@ def micro_batch_counts(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     expects them). Counts mirror the weights of the criterion's masked means.
     """
     images = batch["images"].shape[0]
+    normals: torch.Tensor | int
     scene = (batch["has_scene"].bool() & (batch["scene"] >= 0)).sum() if "has_scene" in batch else 0
     depth = batch["has_depth"].bool().sum() if "has_depth" in batch else 0
     if "normals_mask" in batch and "has_normals" in batch:

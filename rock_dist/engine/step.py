@@ -32,7 +32,7 @@ from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, norm
 from rock_dist.engine.task_weighting import TaskWeighting
 from rock_dist.engine.runtime import local_accelerator
 from rock_dist.errors import DataError, NonFiniteLossError
-from rock_dist.model.losses import Matcher
+from rock_dist.model.losses import Matcher, ROCKCriterion
 
 # The reference's optimizer settings (docs/training.md), used where no TrainConfig gives them (benchmark, probe).
 DEFAULT_LR = 5e-5
@@ -50,7 +50,7 @@ class StepParts:
 
     accelerator: Any
     model: nn.Module
-    criterion: nn.Module
+    criterion: ROCKCriterion
     optimizer: torch.optim.Optimizer
     recipe: Recipe
     loss_config: LossConfig
@@ -69,7 +69,7 @@ class StepParts:
         return self.accelerator.device
 
 
-def build_step_parts(model: nn.Module, criterion: nn.Module, recipe: Recipe, accelerator: Any, *,
+def build_step_parts(model: nn.Module, criterion: ROCKCriterion, recipe: Recipe, accelerator: Any, *,
                      loss_config: LossConfig, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                      clip_grad_norm: float = 0.0, lr_lambda: Callable[[int], float] | None = None,
                      local: bool = False) -> StepParts:

@@ -8,11 +8,14 @@ device and returns CPU uint8, so logging works the same on CPU and GPU runs (the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 
 from rock_dist.config import LossConfig
+
+if TYPE_CHECKING:
+    from rock_dist.model.detector import ROCKDetector
 
 
 def eval_metric_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -35,7 +38,7 @@ def _grid(pictures: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prediction_pictures(model: torch.nn.Module, images_uint8: torch.Tensor, images_input: torch.Tensor,
+def prediction_pictures(model: ROCKDetector, images_uint8: torch.Tensor, images_input: torch.Tensor,
                         batch: Mapping[str, torch.Tensor], *, class_names: Sequence[str],
                         scene_types: Sequence[str], loss_config: LossConfig, max_images: int = 4,
                         autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext

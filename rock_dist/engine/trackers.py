@@ -146,7 +146,7 @@ class RunTrackers:
                 setup.project, config=dict(hparams),
                 init_kwargs={"mlflow": {"run_name": setup.run_name},
                              "wandb": {"name": setup.run_name, "dir": setup.save_path}})
-        except Exception as err:  # noqa: BLE001 - whatever the tracker package raises, as one line
+        except Exception as err:  # whatever the tracker package raises, as one line
             for tracker in self.accelerator.trackers:
                 with contextlib.suppress(Exception):  # those after the failing one never started
                     tracker.finish()

@@ -148,6 +148,14 @@ def run_output(value: str, save_path: str, name: str) -> str:
     return str(Path(save_path) / name) if value == "auto" else value
 
 
+def _main_state(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint state inside a write that `Trainer._main_writes` runs: only the main process runs those, and
+    only there is `Trainer._checkpoint_state` not None."""
+    if state is None:
+        raise RuntimeError("a checkpoint write ran on a process other than the main one")
+    return state
+
+
 def resolve_val_path(val_path: str, train_path: str) -> str:
     """The validation split to use: `val_path` itself, or for "auto" the `val/` directory beside a `train_path`
     directory when it holds a manifest, else "" (no validation)."""
@@ -190,7 +198,7 @@ class Trainer:
         self.class_names, self.scene_types = dataset_vocabulary(cfg.data.train_path)
         self.model_config = dataclasses.replace(cfg.model, num_classes=len(self.class_names) + 1,
                                                 num_scenes=len(self.scene_types))
-        self.target_size = tuple(feature_map_sizes(tuple(cfg.model.image_size), cfg.model.backbone)[0])
+        self.target_size = feature_map_sizes(cfg.model.image_size, cfg.model.backbone)[0]
         self.val_manifest = None
         self.val_path = resolve_val_path(cfg.data.val_path, cfg.data.train_path)
         if self.val_path:
@@ -211,7 +219,7 @@ class Trainer:
                            "starting fresh") if cfg.checkpoint_path and resume_path is None else ""
         self.resume_data = ckpt.read_checkpoint(resume_path) if resume_path is not None else None
         if self.resume_data is not None:
-            self._check_resume_compatible(resume_path)
+            self._check_resume_compatible(self.resume_data, resume_path)
         # The fast path is defined once, in rock_dist.engine.fast_path and engine.step (the benchmark measures the
         # same code): channels_last per the runtime, fused Adam, and with --fold_backbone_bn the frozen backbone BNs
         # folded into their convs (weights are saved unfolded by checkpoint.model_state).
@@ -313,12 +321,12 @@ class Trainer:
         return agreed
 
     # ------------------------------------------------------------------------------------------------ resuming
-    def _check_resume_compatible(self, path: Path | None) -> None:
-        stored = self.resume_data["model_config"]
-        if self.resume_data.get("format") != ckpt.CHECKPOINT_FORMAT:
+    def _check_resume_compatible(self, data: Mapping[str, Any], path: Path | None) -> None:
+        stored = data["model_config"]
+        if data.get("format") != ckpt.CHECKPOINT_FORMAT:
             raise ConfigError(f"--checkpoint_path {path}: a weights-only file cannot resume training (no optimizer "
                               "state); pass a training checkpoint")
-        stored_fold = bool(self.resume_data.get("train_config", {}).get("fold_backbone_bn", False))
+        stored_fold = bool(data.get("train_config", {}).get("fold_backbone_bn", False))
         if stored_fold != self.cfg.fold_backbone_bn:
             # The optimizer state is laid out per parameter, and folding changes the parameters.
             raise ConfigError(f"--checkpoint_path {path}: it was trained with fold_backbone_bn={stored_fold} but this "
@@ -390,7 +398,7 @@ class Trainer:
 
         cfg = self.cfg
         self._stream = make_train_loader(
-            cfg.data.train_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
+            cfg.data.train_path, image_size=cfg.model.image_size, target_size=self.target_size,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, force_crops=cfg.data.force_crops, no_crops=cfg.data.no_crops,
             start_sample=self.state.samples_seen, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -421,6 +429,7 @@ class Trainer:
 
     def _next_batch(self) -> Mapping[str, torch.Tensor]:
         """The next micro-batch of this rank; the time spent waiting for it feeds the loader-rate check."""
+        assert self._iter is not None, "the training stream is started first"
         start = time.perf_counter()
         try:
             batch = next(self._iter)
@@ -525,7 +534,7 @@ class Trainer:
             summary += f"; weights: {result.final_weights}"
         console.always(summary)
         if self.record_dir:
-            self._write_record(result, record_ids)
+            self._write_record(self.record_dir, result, record_ids)
         return result
 
     def _save_final(self, path: Path, model: torch.nn.Module) -> Path | None:
@@ -699,7 +708,7 @@ class Trainer:
         from rock_dist.data.batch import prepare_batch
 
         prepared = prepare_batch(batch, self.device, channels_last=self.runtime.channels_last)
-        pictures = prediction_pictures(ckpt.unwrap(self.model), batch["images"], prepared["images"], prepared,
+        pictures = prediction_pictures(ckpt.unwrap_detector(self.model), batch["images"], prepared["images"], prepared,
                                        class_names=self.class_names, scene_types=self.scene_types,
                                        loss_config=self.cfg.loss, autocast=self.accelerator.autocast)
         trackers.images(pictures, self.state.step)
@@ -720,7 +729,7 @@ class Trainer:
         st.best_metric, st.best_step, st.evals_since_best = ap, st.step, 0
         if cfg.save_best_on_val:
             state = self._checkpoint_state()
-            if self._main_writes(lambda: self.manager.save_best(state)) is not None:
+            if self._main_writes(lambda: self.manager.save_best(_main_state(state))) is not None:
                 console.print(f"step {st.step}: new best val AP {100 * ap:.2f} -> {self.manager.best_path}")
 
     def _validate(self, model: torch.nn.Module, name: str, console: TrainConsole,
@@ -733,7 +742,7 @@ class Trainer:
         broadcast_buffers(ckpt.unwrap(model))  # every rank evaluates the same network
         if self._eval_loader is None:  # re-iterable, with persistent workers: build it once per run
             self._eval_loader = make_eval_loader(
-                self.val_path, image_size=tuple(cfg.model.image_size), target_size=self.target_size,
+                self.val_path, image_size=cfg.model.image_size, target_size=self.target_size,
                 batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, rank=self.rank,
                 world_size=self.world_size)
         loader = self._eval_loader
@@ -745,8 +754,8 @@ class Trainer:
                           getattr(loader, "num_samples", None), enabled=console.verbose,
                           inside=console if console.use_bar else None) as progress:
             metrics = evaluate(model, loader, self.accelerator, loss_config=cfg.loss, out_dir=out_dir,
-                               class_names=self.class_names, expected_images=self.val_manifest.num_samples,
-                               progress=progress.advance)
+                               class_names=self.class_names, progress=progress.advance,
+                               expected_images=self.val_manifest.num_samples if self.val_manifest else None)
         trackers.scalars(eval_metric_scalars(metrics), self.state.step, prefix=f"{name}/")
         console.print(f"step {self.state.step}: {name} AP {100 * metrics['AP']:.2f} AP50 "
                       f"{100 * metrics['AP50']:.2f} ({metrics.get('num_images', '?')} images)")
@@ -790,7 +799,7 @@ class Trainer:
 
     def _save_checkpoint(self, console: TrainConsole) -> None:
         state = self._checkpoint_state()
-        path = self._main_writes(lambda: self.manager.save(state, self.state.step))
+        path = self._main_writes(lambda: self.manager.save(_main_state(state), self.state.step))
         if path is not None:
             console.print(f"step {self.state.step}: checkpoint {path}")
 
@@ -813,9 +822,9 @@ class Trainer:
             raise error_type(error)
         return result
 
-    def _write_record(self, result: TrainResult, record_ids: list[list[int]]) -> None:
+    def _write_record(self, record_dir: str, result: TrainResult, record_ids: list[list[int]]) -> None:
         acc = self.accelerator
-        atomic_write_json(Path(self.record_dir) / f"rank{self.rank}.json", {
+        atomic_write_json(Path(record_dir) / f"rank{self.rank}.json", {
             "rank": self.rank, "world_size": self.world_size, "distributed_type": str(acc.distributed_type.value),
             "device": str(self.device), "mixed_precision": self.runtime.mixed_precision,
             "local_process_index": acc.local_process_index, "step": result.step, "losses": result.losses,

@@ -121,7 +121,7 @@ def _download(url: str, dest: Path, name: str) -> None:
     def _open() -> None:
         try:
             result["response"] = urllib.request.urlopen(url, timeout=READ_TIMEOUT_S)
-        except BaseException as err:  # reported to the caller below
+        except BaseException as err:  # noqa: BLE001 - handed to the calling thread, which raises it below
             result["error"] = err
 
     # The socket timeout does not cover DNS resolution, so the whole connection step runs in a daemon thread with a
@@ -146,8 +146,8 @@ def _download(url: str, dest: Path, name: str) -> None:
             if match and not digest.hexdigest().startswith(match.group(1)):
                 raise ValueError(f"checksum mismatch (sha256 {digest.hexdigest()[:12]}..., expected "
                                  f"{match.group(1)}...)")
-    except Exception as err:
-        raise ConfigError(_offline_message(name, f"{type(err).__name__}: {err}")) from None
+    except Exception as err:  # network, file system, or checksum: any failure means "no weights"
+        raise ConfigError(_offline_message(name, f"{type(err).__name__}: {err}")) from err
 
 
 def _read_state_dict(path: Path, flag: str) -> dict[str, torch.Tensor]:
@@ -157,9 +157,9 @@ def _read_state_dict(path: Path, flag: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{flag} {path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # torch.load raises assorted types on junk
         raise ConfigError(f"{flag} {path}: not a readable PyTorch state-dict file ({type(err).__name__}: {err})") \
-            from None
+            from err
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -32,6 +32,8 @@ def _is_batchnorm(module: object) -> bool:
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Merge `bn` into `conv` in place (the caller then replaces `bn` by Identity)."""
+    if bn.weight is None or bn.bias is None or bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{bn}: only an affine BatchNorm with running statistics can be folded")
     with torch.no_grad():
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # per output channel
         bias = bn.bias - bn.running_mean * scale
@@ -45,7 +47,7 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
 
 def _find_pairs(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module, str, str]]:
     """(module path, parent, conv attribute, bn attribute) of every conv directly followed by a BatchNorm2d."""
-    found = []
+    found: list[tuple[str, nn.Module, str, str]] = []
     for name, module in root.named_modules(prefix=prefix):
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
@@ -53,8 +55,8 @@ def _find_pairs(root: nn.Module, prefix: str) -> list[tuple[str, nn.Module, str,
                 if isinstance(conv, nn.Conv2d) and _is_batchnorm(bn):
                     found.append((name, module, conv_name, bn_name))
         for conv_name, bn_name in _PAIRS:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and _is_batchnorm(bn):
+            pair = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(pair[0], nn.Conv2d) and _is_batchnorm(pair[1]):
                 found.append((name, module, conv_name, bn_name))
     return found
 
@@ -69,7 +71,9 @@ def _fold(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> nn.Module:
             setattr(parent, bn_name, nn.Identity())
             base = f"{path}." if path else ""
             record.append((base + conv_name, base + bn_name, float(bn.eps), had_bias))
-    model.folded_batchnorm = record  # plain attribute: read by `unfolded_state_dict`
+    # A plain attribute, read by `unfolded_state_dict`. nn.Module.__setattr__ takes any value; its annotation says
+    # Tensor | Module only.
+    model.folded_batchnorm = record  # type: ignore[assignment]
     return model
 
 

@@ -47,8 +47,8 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def _resize_nearest(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a B x C x h x w target to `size` (no-op when already that size)."""
+def _resize_nearest(target: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour resize of a B x C x h x w target to `size` = (h', w') (no-op when already that size)."""
     if tuple(target.shape[-2:]) == tuple(size):
         return target
     return F.interpolate(target.float(), size=size, mode="nearest")
@@ -216,4 +216,5 @@ class ROCKCriterion(nn.Module):
         return result
 
 
-__all__ = ["Matcher", "ROCKCriterion", "detection_loss", "hard_negative_mask", "scene_loss", "depth_loss", "normals_loss"]
+__all__ = ["Matcher", "ROCKCriterion", "detection_loss", "hard_negative_mask", "scene_loss", "depth_loss",
+           "normals_loss"]

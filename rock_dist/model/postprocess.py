@@ -86,8 +86,8 @@ def postprocess_detections(loc: torch.Tensor, conf: torch.Tensor, priors: torch.
 
     out_boxes, out_scores, out_labels = cand_boxes[kept], scores[kept], label[kept]
     sizes = counts.tolist()  # the one host synchronisation
-    return [{"boxes": b, "scores": s, "labels": l}
-            for b, s, l in zip(out_boxes.split(sizes), out_scores.split(sizes), out_labels.split(sizes))]
+    return [{"boxes": b, "scores": s, "labels": lab}
+            for b, s, lab in zip(out_boxes.split(sizes), out_scores.split(sizes), out_labels.split(sizes))]
 
 
 __all__ = ["postprocess_detections", "PRE_NMS_TOP_K"]

@@ -35,7 +35,8 @@ class SSDHead(nn.Module):
         self.num_classes = num_classes
         k4, k5 = extra_layer_kernels(image_size, backbone)
         # (kernel, stride, padding) of the second conv of each extra layer.
-        geometry = [(3, 2, 1), (3, 2, 1), (3, 2, 1), (k4, 1, 0), (k5, 1, 0)]
+        geometry: list[tuple[int | tuple[int, int], int, int]] = [
+            (3, 2, 1), (3, 2, 1), (3, 2, 1), (k4, 1, 0), (k5, 1, 0)]
         channels = (in_channels,) + OUT_CHANNELS
         self.extra_layers = nn.ModuleList()
         for c_in, mid, c_out, (kernel, stride, padding) in zip(channels[:-1], MID_CHANNELS, OUT_CHANNELS, geometry):
@@ -57,6 +58,7 @@ class SSDHead(nn.Module):
         fg_bias = -math.log((1 - FOREGROUND_PRIOR) / FOREGROUND_PRIOR)
         with torch.no_grad():
             for conv, a in zip(self.conf, PRIORS_PER_LOCATION):
+                assert isinstance(conv, nn.Conv2d) and conv.bias is not None  # built above with a bias
                 bias = torch.full((self.num_classes, a), fg_bias)
                 bias[0] = 0.0  # channel k * A + a: row 0 is the background class
                 conv.bias.copy_(bias.reshape(-1))

@@ -5,9 +5,9 @@ Called by `rock_dist.quickstart`, which uses it twice: to pick the fastest preci
 without them; channels_last helps on some CPUs and not on others) and to know how long one step takes, so that the
 run can be sized to a time budget. Each candidate is timed on a synthetic batch through the trainer's own step
 (`engine.step.train_step`, as the benchmark times it: device transfer, forward, criterion, backward, optimizer
-step), after one untimed warm-up step. Results are cached in `$ROCK_DIST_CACHE_DIR/autotune.json` (default `~/.cache/rock_dist`),
-keyed by CPU model, oneDNN ISA cap, torch version, thread count, device and model configuration, so a second run on
-the same machine starts at once; `refresh=True` measures again.
+step), after one untimed warm-up step. Results are cached in `$ROCK_DIST_CACHE_DIR/autotune.json` (default
+`~/.cache/rock_dist`), keyed by CPU model, oneDNN ISA cap, torch version, thread count, device and model
+configuration, so a second run on the same machine starts at once; `refresh=True` measures again.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -67,17 +67,18 @@ Size = tuple[int, int]
 
 
 def _target_size(image_size: Size, backbone: str) -> Size:
-    from rock_dist.model.priors import feature_map_sizes  # noqa: PLC0415 - keeps `import data_bench` light
+    # Imports inside functions here keep `import rock_dist.perf.data_bench` (done by bench and perf.report) light.
+    from rock_dist.model.priors import feature_map_sizes
 
-    return tuple(feature_map_sizes(image_size, backbone)[0])  # type: ignore[return-value]
+    return feature_map_sizes(image_size, backbone)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------- ours
 def _ours_batches(sources: str, image_size: Size, target: Size, batch_size: int, seed: int,
-                  jitter: str) -> Iterator[Any]:
+                  jitter: Literal["device", "cpu", "none"]) -> Iterator[Any]:
     """Endless batches from the worker code path, run in this process."""
     stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
-                               num_workers=0, seed=seed, rank=0, world_size=1, color_jitter=jitter)  # type: ignore
+                               num_workers=0, seed=seed, rank=0, world_size=1, color_jitter=jitter)
     return iter(stream)
 
 
@@ -110,7 +111,7 @@ def _time_loader(sources: str, n: int, image_size: Size, target: Size, batch_siz
 
 def _split_copy(raws: list[dict[str, Any]], out: Path, num_shards: int) -> str:
     """The samples written again as `num_shards` tar files of (nearly) equal size under `out`: a source string."""
-    from rock_dist.data.shard_writer import write_shard  # noqa: PLC0415
+    from rock_dist.data.shard_writer import write_shard
 
     out.mkdir(parents=True, exist_ok=True)
     num_shards = max(1, min(num_shards, len(raws)))
@@ -184,8 +185,8 @@ class _ReferenceStyle:
     """Per-sample PIL pipeline with CPU prior matching, following the reference's Transformer step by step."""
 
     def __init__(self, image_size: Size, target: Size, backbone: str) -> None:
-        from rock_dist.model.boxes import encode_boxes, match_priors  # noqa: PLC0415
-        from rock_dist.model.priors import make_priors  # noqa: PLC0415
+        from rock_dist.model.boxes import encode_boxes, match_priors
+        from rock_dist.model.priors import make_priors
 
         self.priors = make_priors(image_size, backbone)
         self.match, self.encode = match_priors, encode_boxes
@@ -213,7 +214,8 @@ class _ReferenceStyle:
             scaling = W / (ltrb[2] - ltrb[0])
         flip = rng.random() < 0.5
         if flip:
-            img, depth, normals, mask = (im.transpose(Image.FLIP_LEFT_RIGHT) for im in (img, depth, normals, mask))
+            img, depth, normals, mask = (im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                                         for im in (img, depth, normals, mask))
             boxes = flip_boxes(boxes)
         image = self.image_trans(img)
         depth_t = self.aux_trans(depth) / scaling * max_depth
@@ -273,9 +275,9 @@ def _npy_copy(shards: str, out: Path, num_samples: int) -> tuple[str, list[dict[
     """The benchmark's first shards (whole shards, at least `num_samples` samples) again with depth, normals and
     mask as .npy members (what `shards build --aux_format npy` writes; same arrays): a brace pattern of tars under
     `out` and the transcoded samples; None when no sample has a PNG aux member."""
-    from rock_dist.data.npy_member import encode_npy  # noqa: PLC0415
-    from rock_dist.data.shard_writer import write_shard  # noqa: PLC0415
-    from rock_dist.data.transforms import aux_member  # noqa: PLC0415
+    from rock_dist.data.npy_member import encode_npy
+    from rock_dist.data.shard_writer import write_shard
+    from rock_dist.data.transforms import aux_member
 
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -288,8 +290,8 @@ def _npy_copy(shards: str, out: Path, num_samples: int) -> tuple[str, list[dict[
         for raw in iter_shard(shard):
             members = {k: v for k, v in raw.items() if not k.startswith("__")}
             for name in ("depth", "normals", "mask"):
-                if f"{name}.png" in members:
-                    tensor = aux_member(members, name, str(raw.get("__key__")))
+                tensor = aux_member(members, name, str(raw.get("__key__"))) if f"{name}.png" in members else None
+                if tensor is not None:
                     del members[f"{name}.png"]
                     members[f"{name}.npy"] = encode_npy(tensor.numpy())
                     changed = True
@@ -304,9 +306,9 @@ def _npy_copy(shards: str, out: Path, num_samples: int) -> tuple[str, list[dict[
 
 
 def _synthetic_shards(out: Path, n: int, seed: int) -> str:
-    from rock_dist.config import ShardsBuildConfig  # noqa: PLC0415
-    from rock_dist.data.rooms import make_rooms_dataset  # noqa: PLC0415
-    from rock_dist.shards import build_shards  # noqa: PLC0415
+    from rock_dist.config import ShardsBuildConfig
+    from rock_dist.data.rooms import make_rooms_dataset
+    from rock_dist.shards import build_shards
 
     paths = make_rooms_dataset(out / "official", n, seed, 480, 640)
     build_shards(ShardsBuildConfig(dataset_path=str(paths.dataset_path), splits_path=str(paths.splits_path),
@@ -464,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 image_size=cfg.image_size, backbone=cfg.backbone, loader_workers=cfg.loader_workers,
                                 seed=cfg.seed, rounds=cfg.rounds, scaling=cfg.scaling)
     if cfg.json:  # written first: the printing below may hit a closed pipe (`... | head`)
-        from rock_dist.fsutil import atomic_write_json  # noqa: PLC0415
+        from rock_dist.fsutil import atomic_write_json
 
         atomic_write_json(cfg.json, result)
     print(format_table(result), flush=True)

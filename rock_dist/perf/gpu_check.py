@@ -34,7 +34,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 # Per-stage time limits in seconds on a GPU machine (8 minutes in all with the synthetic shards and the installs).
 GPU_LIMITS = {"cuda_tests": 120, "bench": 300, "data": 45}
@@ -231,7 +231,7 @@ def render(stages: list[Stage]) -> str:
     return "\n".join(lines)
 
 
-def run_stages(wanted: Sequence[str], out: Path, work: Path, limits: dict[str, float], dry_run: bool
+def run_stages(wanted: Sequence[str], out: Path, work: Path, limits: Mapping[str, float], dry_run: bool
                ) -> list[Stage]:
     """The stages in `wanted`, in order, each guarded: one failing never stops the next."""
     stages = [_guarded("env", stage_env)]

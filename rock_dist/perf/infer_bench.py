@@ -125,7 +125,7 @@ def bench_eval(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
     manifest = load_manifest(test_dir)
     cfg = dataclasses.replace(model_config, num_classes=len(manifest.class_names) + 1,
                               num_scenes=len(manifest.scene_types))
-    target = tuple(feature_map_sizes(tuple(cfg.image_size), cfg.backbone)[0])
+    target = feature_map_sizes(tuple(cfg.image_size), cfg.backbone)[0]
     rows = []
     for recipe in recipes:
         log(f"eval: {recipe.name} ({recipe.describe(inference=True)})")

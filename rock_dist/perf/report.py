@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 import platform
 import statistics
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from rock_dist.perf.data_bench import cpu_name
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 SECTION_TITLES = {
     "data": "data pipeline (samples/s per worker, 1 thread)",
@@ -123,10 +126,11 @@ def render(report: Mapping[str, Any]) -> list[Any]:
     title = (f"rock_dist benchmark on {meta['device_info']['device_name']} — {meta['model']['backbone']} "
              f"{meta['model']['image_size'][0]}x{meta['model']['image_size'][1]}, torch {meta['device_info']['torch']}")
     table = Table(title=title, show_lines=False)
-    for name, justify in (("section", "left"), ("configuration", "left"), ("batch", "right"),
-                          ("throughput", "right"), ("vs ref", "right"), ("this change", "right"),
-                          ("peak GPU MiB", "right"), ("details", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("section", "left"), ("configuration", "left"), ("batch", "right"), ("throughput", "right"),
+        ("vs ref", "right"), ("this change", "right"), ("peak GPU MiB", "right"), ("details", "left"))
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
     for section, data in report["sections"].items():
         rows = data.get("rows", [])
         if data.get("skipped"):

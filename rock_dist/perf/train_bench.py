@@ -17,6 +17,7 @@ End to end, the two loaders differ as the two recipes do:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import tempfile
@@ -44,7 +45,7 @@ def shard_batch(train_dir: str, batch_size: int, model_config: Any, *, seed: int
     from rock_dist.model.priors import feature_map_sizes
 
     target = feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0]
-    stream = make_train_loader(train_dir, image_size=tuple(model_config.image_size), target_size=tuple(target),
+    stream = make_train_loader(train_dir, image_size=tuple(model_config.image_size), target_size=target,
                                batch_size=batch_size, num_workers=0, seed=seed, rank=0, world_size=1)
     return dict(next(iter(stream)))
 
@@ -98,7 +99,7 @@ def bench_step(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
         for _ in range(max(1, warmup)):
             step(batch)
         synchronize(device)
-        steps.append(lambda step=step, batch=batch: step(batch))
+        steps.append(functools.partial(step, batch))  # this recipe's step and batch, bound now
         peaks.append(peak_memory_mib(device))
     timings, ratios = measure_interleaved(steps, device, warmup=0, min_rounds=max(1, repeats),
                                           max_rounds=max_rounds or 4 * max(1, repeats), iters=iters,
@@ -170,7 +171,7 @@ def reference_loader(train_dir: str, work_dir: Path, model_config: Any, *, batch
             break
     pickles = _write_reference_pickles(raws[:max_pickles], work_dir)
     image_size = tuple(model_config.image_size)
-    target = tuple(feature_map_sizes(image_size, model_config.backbone)[0])
+    target = feature_map_sizes(image_size, model_config.backbone)[0]
     dataset = _ReferenceDataset(pickles, image_size, target, model_config.backbone, seed, length)
     kwargs: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -211,7 +212,7 @@ def _e2e_row(recipe: Recipe, model_config: Any, loss_config: Any, device: torch.
                                        num_workers=max(0, recipe.num_workers), seed=seed)
         workers = max(0, recipe.num_workers)
     else:
-        target = tuple(feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0])
+        target = feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0]
         loader = make_train_loader(train_dir, image_size=tuple(model_config.image_size), target_size=target,
                                    batch_size=recipe.batch_size, num_workers=recipe.num_workers, seed=seed,
                                    rank=0, world_size=1)
