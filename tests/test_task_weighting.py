@@ -143,7 +143,7 @@ from rock_dist.engine import checkpoint as ckpt  # noqa: E402
 from rock_dist.engine.trainer import BN_EVAL_ENV, RECORD_ENV, Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--num_workers", "0",
+SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "64", "64", "--num_workers", "0",
          "--no_verbose", "--writer_path", "", "--coco_json_save_path", "", "--val_path", "", "--model_save_freq", "0",
          "--lr", "1e-4"]
 ADAPTIVE = ["uncertainty", "dwa", "gradnorm"]
@@ -199,7 +199,7 @@ def test_a_step_without_depth_targets_leaves_the_depth_weight(weighting: str, sh
     from rock_dist.data.pipeline import make_train_loader
 
     trainer = _trainer(shard_dir, tmp_path, weighting, "--batch_size", "2", "--num_iters", "4")
-    stream = iter(make_train_loader(str(shard_dir / "train"), image_size=(128, 160), target_size=trainer.target_size,
+    stream = iter(make_train_loader(str(shard_dir / "train"), image_size=(64, 64), target_size=trainer.target_size,
                                     batch_size=2, num_workers=0, seed=0, rank=0, world_size=1))
     trainer._train_mode()
     for step in (1, 2):  # DWA needs two window means before its weights move
