@@ -70,6 +70,7 @@ def test_numbers_are_read_from_the_reports() -> None:
     assert data["workers_needed_per_gpu"] == 14 and "14 workers per GPU (16 CPUs here)" in data["verdict"]
 
 
+@pytest.mark.slow  # every stage of the GPU check at toy size: ~45 s on 2 cores
 def test_dry_run_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROCK_DIST_", "ACCELERATE_"))}
     env.update(OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")

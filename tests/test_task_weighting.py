@@ -160,6 +160,7 @@ def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in ckpt.unwrap(trainer.model).state_dict().items()}
 
 
+@pytest.mark.slow  # six short trainings
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("weighting", ADAPTIVE)
 def test_accumulation_gives_the_weights_and_model_of_the_large_batch(weighting: str, shard_dir: Path, tmp_path: Path,
@@ -214,6 +215,7 @@ def test_a_step_without_depth_targets_leaves_the_depth_weight(weighting: str, sh
     assert after["scene"] != before["scene"] or after["normals"] != before["normals"]
 
 
+@pytest.mark.slow  # three short trainings
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_resume_continues_the_weights_bit_identically(shard_dir: Path, tmp_path: Path) -> None:
     from accelerate.state import AcceleratorState, GradientState

@@ -150,6 +150,7 @@ def test_ema_update_is_timm_model_ema_v2() -> None:
         ModelEma(model, 1.0)
 
 
+@pytest.mark.slow  # four short trainings
 def test_ema_and_auto_resume_continue_exactly(shard_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """4 iterations straight == 2 iterations started with `--checkpoint_path auto` on an empty save directory (a
