@@ -11,6 +11,7 @@ the spawn method finding the module. The only difference is the name: usage line
 from __future__ import annotations
 
 import runpy
+from typing import Callable
 
 from rock_dist import invocation
 
@@ -36,44 +37,26 @@ def run_script(script: str) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def train() -> None:
-    run_script("rock-train")
+def _entry(script: str) -> Callable[[], None]:
+    """The zero-argument function `[project.scripts]` calls for `script`."""
+    def run() -> None:
+        run_script(script)
+
+    run.__name__ = run.__qualname__ = script.removeprefix("rock-").replace("-", "_")
+    run.__doc__ = f"`{script} ARGS` = `python -m {SCRIPTS[script]} ARGS`."
+    return run
 
 
-def shards() -> None:
-    run_script("rock-shards")
-
-
-def evaluate() -> None:
-    run_script("rock-evaluate")
-
-
-def detect() -> None:
-    run_script("rock-detect")
-
-
-def export() -> None:
-    run_script("rock-export")
-
-
-def bench() -> None:
-    run_script("rock-bench")
-
-
-def quickstart() -> None:
-    run_script("rock-quickstart")
-
-
-def create_image_folder() -> None:
-    run_script("rock-create-image-folder")
-
-
-def rooms() -> None:
-    run_script("rock-rooms")
-
-
-def data_bench() -> None:
-    run_script("rock-data-bench")
+train = _entry("rock-train")
+shards = _entry("rock-shards")
+evaluate = _entry("rock-evaluate")
+detect = _entry("rock-detect")
+export = _entry("rock-export")
+bench = _entry("rock-bench")
+quickstart = _entry("rock-quickstart")
+create_image_folder = _entry("rock-create-image-folder")
+rooms = _entry("rock-rooms")
+data_bench = _entry("rock-data-bench")
 
 
 __all__ = ["SCRIPTS", "run_script", "train", "shards", "evaluate", "detect", "export", "bench", "quickstart",
