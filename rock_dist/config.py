@@ -539,6 +539,7 @@ def validate(config: Any) -> None:
             raise ValueError("--scheduler_milestones must be increasing")
         # Checked here, before any model or data is touched: one line naming the flag instead of a traceback from
         # deep inside the optimizer or the loop.
+        weighting = config.weighting
         checks = (("--lr", config.lr, config.lr > 0, "must be positive"),
                   ("--weight_decay", config.weight_decay, config.weight_decay >= 0, "must be 0 or more"),
                   ("--scheduler_gamma", config.scheduler_gamma, config.scheduler_gamma > 0, "must be positive"),
@@ -547,7 +548,12 @@ def validate(config: Any) -> None:
                    "must be at least 1"),
                   *((f"--{name}", getattr(config, name), getattr(config, name) >= 0, "must be 0 or more")
                     for name in ("warmup_iters", "val_eval_freq", "train_eval_freq", "image_to_tb_freq",
-                                 "model_save_freq")))
+                                 "model_save_freq")),
+                  ("--task_weighting_lr", weighting.task_weighting_lr, weighting.task_weighting_lr > 0,
+                   "must be positive"),
+                  ("--dwa_temperature", weighting.dwa_temperature, weighting.dwa_temperature > 0, "must be positive"),
+                  ("--dwa_window", weighting.dwa_window, weighting.dwa_window >= 1, "must be at least 1"),
+                  ("--gradnorm_alpha", weighting.gradnorm_alpha, weighting.gradnorm_alpha >= 0, "must be 0 or more"))
         for flag, value, ok, rule in checks:
             if not ok or value != value:  # value != value: NaN
                 raise ValueError(f"{flag} {value}: {rule}")
@@ -560,15 +566,6 @@ def validate(config: Any) -> None:
                              "training: give --val_eval_freq N as well")
         if "none" in config.report_to and len(set(config.report_to)) > 1:
             raise ValueError(f"--report_to {' '.join(config.report_to)}: 'none' cannot be combined with trackers")
-        weighting = config.weighting
-        for flag, value, ok, rule in (
-                ("--task_weighting_lr", weighting.task_weighting_lr, weighting.task_weighting_lr > 0,
-                 "must be positive"),
-                ("--dwa_temperature", weighting.dwa_temperature, weighting.dwa_temperature > 0, "must be positive"),
-                ("--dwa_window", weighting.dwa_window, weighting.dwa_window >= 1, "must be at least 1"),
-                ("--gradnorm_alpha", weighting.gradnorm_alpha, weighting.gradnorm_alpha >= 0, "must be 0 or more")):
-            if not ok or value != value:
-                raise ValueError(f"{flag} {value}: {rule}")
         if weighting.task_weighting != "fixed" and config.model.no_rock:
             raise ValueError(f"--task_weighting {weighting.task_weighting} weights the auxiliary tasks, and --no_rock "
                              "trains none")
