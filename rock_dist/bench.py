@@ -114,10 +114,10 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
 
 
 def build_synthetic_shards(root: Path, num_images: int, stored_size: tuple[int, int], seed: int) -> Path:
-    """A random NYUv2 look-alike (`data.synthetic.make_random_dataset`) sharded into `root/shards` (8 per shard, so
-    several loader workers get shards); returns the shard output directory."""
+    """A random NYUv2 look-alike (`synthetic.official_layout.make_random_dataset`) sharded into `root/shards` (8 per
+    shard, so several loader workers get shards); returns the shard output directory."""
     from rock_dist.config import ShardsBuildConfig
-    from rock_dist.data.synthetic import make_random_dataset
+    from rock_dist.synthetic.official_layout import make_random_dataset
     from rock_dist.shards import build_shards
 
     paths = make_random_dataset(root / "official", num_images, seed, stored_size[0], stored_size[1])

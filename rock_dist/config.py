@@ -685,10 +685,10 @@ __all__ += ["CreateImageFolderConfig"]
 
 
 # ------------------------------------------------------------------------------------------------------------ rooms
-# Owner: rooms. Flags of `python -m rock_dist.data.rooms` (synthetic rooms in the official NYUv2 layout).
+# Owner: rooms. Flags of `python -m rock_dist.synthetic.rooms` (synthetic rooms in the official NYUv2 layout).
 @dataclass
 class RoomsConfig:
-    """Flags of `python -m rock_dist.data.rooms`: render synthetic rooms as official NYUv2 files."""
+    """Flags of `python -m rock_dist.synthetic.rooms`: render synthetic rooms as official NYUv2 files."""
 
     out: str = opt("Output directory (gets nyu_depth_v2_labeled.mat, splits.mat, normals_gt/, val_split.txt).")
     num_images: int = opt("Number of images.", 200)
@@ -727,17 +727,17 @@ class QuickstartConfig:
                          "or normals_gt.tgz, optional val_split.txt) instead of synthetic rooms.", "")
     num_images: int = opt("Synthetic rooms to render.", 960)
     render_size: tuple[int, int] = opt("Size of the rendered rooms as HEIGHT WIDTH.", (120, 160))
-    class_tint: float = opt("Colour tint of the rooms' object classes (see python -m rock_dist.data.rooms --help): "
-                            "a from-scratch detector tells tinted classes apart within the CPU budget.", 1.0)
+    class_tint: float = opt("Colour tint of the rooms' object classes (see python -m rock_dist.synthetic.rooms "
+                            "--help): a from-scratch detector tells tinted classes apart within the CPU budget.", 1.0)
     train_fraction: float = opt("Fraction of the rooms' scenes used for training (the rest is the test set).", 0.75)
     # Easier rooms for a from-scratch detector within the CPU budget (EXPERIMENTS.md): at a 128x160 input the SSD's
     # coarse maps leave most small objects without a prior at IoU 0.5, so slivers under 3 % of the image get no
     # box and the camera films from nearer (AVX2, 128x160 x 540 iterations, test AP@.5: 5.5-6.3 % -> 9.5 % with
     # 2 %, 2 m -> 12.8 % with 3 %, 1.5 m; priors at IoU >= 0.5 for 37 % -> 60 % of the boxes).
     min_object_area: float = opt("Smallest visible object, as a fraction of the image, that gets a box in the rooms "
-                                 "(see python -m rock_dist.data.rooms --help; 0: the renderer's default).", 0.03)
+                                 "(see python -m rock_dist.synthetic.rooms --help; 0: the renderer's default).", 0.03)
     camera_distance: float = opt("Metres from the camera to the object it films in the rooms (0: anywhere; see "
-                                 "python -m rock_dist.data.rooms --help).", 1.5)
+                                 "python -m rock_dist.synthetic.rooms --help).", 1.5)
     time_budget: float = opt("End-to-end budget in seconds: the quickstart times a training step on this machine "
                              "and picks the input size and the number of iterations that fit (it prints what it "
                              "chose and why). Ignored with --num_iters.", 540.0)

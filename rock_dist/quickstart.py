@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         rooms = work / "rooms"
         rh, rw = cfg.render_size
-        _run("render synthetic rooms", [sys.executable, "-m", "rock_dist.data.rooms", "--out", str(rooms),
+        _run("render synthetic rooms", [sys.executable, "-m", "rock_dist.synthetic.rooms", "--out", str(rooms),
                                         "--num_images", str(cfg.num_images), "--seed", str(cfg.seed),
                                         "--height", str(rh), "--width", str(rw), "--class_tint", str(cfg.class_tint),
                                         "--train_fraction", str(cfg.train_fraction),

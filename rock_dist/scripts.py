@@ -25,7 +25,7 @@ SCRIPTS: dict[str, str] = {
     "rock-bench": "rock_dist.bench",
     "rock-quickstart": "rock_dist.quickstart",
     "rock-create-image-folder": "rock_dist.create_image_folder",
-    "rock-rooms": "rock_dist.data.rooms",
+    "rock-rooms": "rock_dist.synthetic.rooms",
     "rock-data-bench": "rock_dist.perf.data_bench",
 }
 

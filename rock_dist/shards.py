@@ -1,7 +1,7 @@
 """`python -m rock_dist.shards build|verify`: official NYUv2 files -> WebDataset shards with manifests, and checks.
 
-build: reads the official files one image at a time (`rock_dist.data.nyuv2`), encodes each sample
-(`rock_dist.data.shard_writer`) and writes `OUT/{train,test}` (+ `val` with `--val_split_path`), each with
+build: reads the official files one image at a time (`rock_dist.shardbuild.nyuv2`), encodes each sample
+(`rock_dist.shardbuild.shard_writer`) and writes `OUT/{train,test}` (+ `val` with `--val_split_path`), each with
 `shard-NNNNNN.tar` files, a `manifest.json` (`rock_dist.data.manifest`) and an `index.json` of every sample's byte
 span (`rock_dist.data.shard_index`, for the indexed training loader). Each split's images are dealt to shards in a
 seeded random order (`--shuffle_seed`, recorded in the manifest; sorted within a shard): NYUv2 is stored scene by
@@ -42,13 +42,13 @@ from rock_dist.config import ShardsBuildConfig, ShardsVerifyConfig, parse_config
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import (MANIFEST_NAME, MODALITIES, Manifest, ShardInfo, load_manifest, sha256_file,
                                      source_entry)
-from rock_dist.data.nyuv2 import SPLIT_NAMES, TAR_ERRORS, NYUv2Official
 from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard, write_index
-from rock_dist.data.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample, sample_key,
-                                        write_shard)
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.invocation import command_name
 from rock_dist.fsutil import pid_alive
+from rock_dist.shardbuild.nyuv2 import SPLIT_NAMES, TAR_ERRORS, NYUv2Official
+from rock_dist.shardbuild.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample,
+                                               sample_key, write_shard)
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 AUTO_TARGET_SHARDS = 64

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from rock_dist.data.synthetic import OfficialPaths, load_ground_truth, make_random_dataset
+from rock_dist.synthetic.official_layout import OfficialPaths, load_ground_truth, make_random_dataset
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `cuda` are skipped where no CUDA device is visible (every CPU machine, CI included): launch/

@@ -12,7 +12,7 @@ import pytest
 from numerics import HANG_GUARD_S
 from rock_dist import invocation
 
-COMMANDS = ("train", "evaluate", "detect", "shards", "bench", "quickstart", "create_image_folder", "data.rooms",
+COMMANDS = ("train", "evaluate", "detect", "shards", "bench", "quickstart", "create_image_folder", "synthetic.rooms",
             "perf.data_bench", "export")
 
 

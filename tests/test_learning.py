@@ -16,7 +16,7 @@ import pytest
 
 from rock_dist.config import ModelConfig
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
-from rock_dist.data.rooms import make_rooms_dataset
+from rock_dist.synthetic.rooms import make_rooms_dataset
 from rock_dist.engine.checkpoint import save_weights
 from rock_dist.engine.runtime import seed_everything
 from rock_dist.model.builder import build_model

@@ -14,9 +14,9 @@ import scipy.io
 from PIL import Image
 
 from rock_dist.data.constants import CLASS_NAMES, NYU_LABEL_IDS, NYU_NUM_NAMES, SCENE_TYPES, class_id
-from rock_dist.data.nyuv2 import NormalsSource, NYUv2Official, class_lookup_table, derive_boxes, read_splits
-from rock_dist.data.synthetic import make_random_dataset, official_like_names, write_official_layout
 from rock_dist.errors import DataError
+from rock_dist.shardbuild.nyuv2 import NormalsSource, NYUv2Official, class_lookup_table, derive_boxes, read_splits
+from rock_dist.synthetic.official_layout import make_random_dataset, official_like_names, write_official_layout
 
 
 def _reader(files, **override) -> NYUv2Official:

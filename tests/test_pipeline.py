@@ -194,7 +194,7 @@ def test_index_that_does_not_match_its_shard(shard_dir: Path, tmp_path: Path) ->
 def test_batches_mix_scenes_like_uniform_sampling(tmp_path: Path) -> None:
     """On a split stored scene by scene (3 consecutive frames per scene, shards not shuffled), the mean number of
     distinct scenes per batch over one epoch is within 10 % of what uniform random batches give."""
-    from rock_dist.data.synthetic import load_ground_truth, make_random_dataset
+    from rock_dist.synthetic.official_layout import load_ground_truth, make_random_dataset
     from rock_dist.shards import main
 
     paths = make_random_dataset(tmp_path / "nyu", 240, 7, 48, 64, with_val=False, with_normals=False)

@@ -64,7 +64,7 @@ def test_rooms_are_rendered_with_the_quickstart_difficulty_flags(monkeypatch, tm
     with pytest.raises(Stop):
         quickstart.main(["--workdir", str(tmp_path), "--min_object_area", "0.05", "--camera_distance", "1.2"])
     render = commands[0]
-    assert render[1:3] == ["-m", "rock_dist.data.rooms"]
+    assert render[1:3] == ["-m", "rock_dist.synthetic.rooms"]
     assert render[render.index("--min_object_area") + 1] == "0.05"
     assert render[render.index("--camera_distance") + 1] == "1.2"
     cfg = parse_config(QuickstartConfig, [])

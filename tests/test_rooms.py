@@ -1,5 +1,6 @@
-"""Tests of the synthetic rooms (rock_dist.data.rooms*): geometry, annotations, raw-depth holes, determinism and
-the official-layout files read back through rock_dist.data.nyuv2. Small images keep each test to a second or so."""
+"""Tests of the synthetic rooms (rock_dist.synthetic: rooms, scenes, geometry): geometry, annotations, raw-depth
+holes, determinism and the official-layout files read back through rock_dist.shardbuild.nyuv2. Small images keep each
+test to a second or so."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import pytest
 import scipy.io
 
 from rock_dist.data.constants import CLASS_NAMES, NYU_LABEL_IDS, SCENE_TYPES, class_id
-from rock_dist.data.nyuv2 import NYUv2Official, class_lookup_table, derive_boxes
-from rock_dist.data.rooms import default_min_object_pixels, main, make_rooms_dataset, render_view, room_names
-from rock_dist.data.rooms_geometry import (FACE_NEG_X, FACE_NEG_Z, FACE_POS_Z, Box, Camera, Intrinsics,
-                                           camera_rotation, cast_room)
-from rock_dist.data.rooms_scenes import (CLASS_SIGNATURES, NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES, SCENE_CLASSES,
-                                        build_room,
-                                         sample_camera)
-from rock_dist.data.synthetic import load_ground_truth
 from rock_dist.errors import ConfigError
+from rock_dist.shardbuild.nyuv2 import NYUv2Official, class_lookup_table, derive_boxes
+from rock_dist.synthetic.geometry import (FACE_NEG_X, FACE_NEG_Z, FACE_POS_Z, Box, Camera, Intrinsics,
+                                          camera_rotation, cast_room)
+from rock_dist.synthetic.official_layout import load_ground_truth
+from rock_dist.synthetic.rooms import default_min_object_pixels, main, make_rooms_dataset, render_view, room_names
+from rock_dist.synthetic.scenes import (CLASS_SIGNATURES, NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES, SCENE_CLASSES,
+                                        build_room, sample_camera)
 
 H, W = 60, 80
 

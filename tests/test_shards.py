@@ -19,11 +19,11 @@ from PIL import Image
 
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import BUILDER_VERSION, load_manifest
-from rock_dist.data.nyuv2 import NYUv2Official
-from rock_dist.data.synthetic import make_random_dataset
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard
+from rock_dist.shardbuild.nyuv2 import NYUv2Official
 from rock_dist.shards import auto_samples_per_shard, main, shard_order, verify
+from rock_dist.synthetic.official_layout import make_random_dataset
 
 from numerics import HANG_GUARD_S
 

@@ -1,7 +1,8 @@
 """The .npy encoding of shard members (`--aux_format npy`): bytes ↔ arrays, never pickles.
 
-Written by `data.shard_writer` (and checked there by `shards verify`), read by `data.transforms.decode_sample` in the
-loader workers; kept apart so the reader needs neither PIL nor h5py for it.
+Written by `shardbuild.shard_writer` (and checked there by `shards verify`), read by `data.transforms.decode_sample`
+in the loader workers; kept apart so the reader needs neither PIL nor h5py for it. Shared by the builder and the
+streaming pipeline, so it stays in `rock_dist.data` (the builder imports it, never the other way round).
 """
 
 from __future__ import annotations

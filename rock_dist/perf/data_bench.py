@@ -4,7 +4,7 @@ Called by `python -m rock_dist.bench` (through `run_data_benchmark`) and on its 
 
     python -m rock_dist.perf.data_bench --shards shards/nyuv2/train [--num_samples 200] [--json out.json]
 
-Without --shards, synthetic 480x640 rooms (`rock_dist.data.rooms`) are rendered and sharded into a temporary
+Without --shards, synthetic 480x640 rooms (`rock_dist.synthetic.rooms`) are rendered and sharded into a temporary
 directory first (rendering takes a while; it is not part of the measurement).
 
 Both pipelines run in this process on ONE thread (torch.set_num_threads(1)), which is what one loader worker gets,
@@ -111,7 +111,7 @@ def _time_loader(sources: str, n: int, image_size: Size, target: Size, batch_siz
 
 def _split_copy(raws: list[dict[str, Any]], out: Path, num_shards: int) -> str:
     """The samples written again as `num_shards` tar files of (nearly) equal size under `out`: a source string."""
-    from rock_dist.data.shard_writer import write_shard
+    from rock_dist.shardbuild.shard_writer import write_shard
 
     out.mkdir(parents=True, exist_ok=True)
     num_shards = max(1, min(num_shards, len(raws)))
@@ -276,7 +276,7 @@ def _npy_copy(shards: str, out: Path, num_samples: int) -> tuple[str, list[dict[
     mask as .npy members (what `shards build --aux_format npy` writes; same arrays): a brace pattern of tars under
     `out` and the transcoded samples; None when no sample has a PNG aux member."""
     from rock_dist.data.npy_member import encode_npy
-    from rock_dist.data.shard_writer import write_shard
+    from rock_dist.shardbuild.shard_writer import write_shard
     from rock_dist.data.transforms import aux_member
 
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,7 @@ def _npy_copy(shards: str, out: Path, num_samples: int) -> tuple[str, list[dict[
 
 def _synthetic_shards(out: Path, n: int, seed: int) -> str:
     from rock_dist.config import ShardsBuildConfig
-    from rock_dist.data.rooms import make_rooms_dataset
+    from rock_dist.synthetic.rooms import make_rooms_dataset
     from rock_dist.shards import build_shards
 
     paths = make_rooms_dataset(out / "official", n, seed, 480, 640)

@@ -1,6 +1,6 @@
 """Synthetic rooms in the official NYU Depth v2 layout: a data set that can be learned, without the 2.8 GB download.
 
-Each image is ray-cast (`rock_dist.data.rooms_geometry`) from a furnished room (`rock_dist.data.rooms_scenes`) seen
+Each image is ray-cast (`rock_dist.synthetic.geometry`) from a furnished room (`rock_dist.synthetic.scenes`) seen
 by a hand-held Kinect with NYU's intrinsics. Depth and surface normals come exactly from the geometry; labels and
 instance numbers from which object each pixel's ray hits first, so occlusion is exact and an object has a box only
 where it is visible. Colour comes from class-specific materials and textures, shaded by a ceiling light. Raw depth
@@ -10,7 +10,7 @@ grazing angles) while `depths` stays hole-filled, as in the official file.
 The quickstart, the tests of the whole pipeline and the README's baseline-vs-ROCK table build their data with
 `make_rooms_dataset`, or from the command line:
 
-    python -m rock_dist.data.rooms --out data/rooms --num_images 200 --seed 0 [--height 240 --width 320]
+    python -m rock_dist.synthetic.rooms --out data/rooms --num_images 200 --seed 0 [--height 240 --width 320]
 
 then shard it with `python -m rock_dist.shards build` like the real files.
 """
@@ -28,13 +28,13 @@ import numpy as np
 
 from rock_dist.config import RoomsConfig, parse_config
 from rock_dist.data.constants import NYU_LABEL_IDS, class_id, scene_id
-from rock_dist.data.rooms_geometry import FACE_NEG_Z, FACE_POS_Z, Camera, CastResult, Intrinsics, cast_room
-from rock_dist.data.rooms_scenes import (DISTRACTOR_IDS, NYU_CEILING, NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES,
-                                         SCENE_CLASSES, Material, Room, build_room, sample_camera)
-from rock_dist.data.synthetic import (OfficialPaths, allocate_official_arrays, official_like_names,
-                                      write_official_layout)
 from rock_dist.errors import ConfigError
 from rock_dist.invocation import command_name
+from rock_dist.synthetic.geometry import FACE_NEG_Z, FACE_POS_Z, Camera, CastResult, Intrinsics, cast_room
+from rock_dist.synthetic.official_layout import (OfficialPaths, allocate_official_arrays, official_like_names,
+                                                 write_official_layout)
+from rock_dist.synthetic.scenes import (DISTRACTOR_IDS, NYU_CEILING, NYU_FLOOR, NYU_WALL, ROOM_SCENE_TYPES,
+                                        SCENE_CLASSES, Material, Room, build_room, sample_camera)
 
 _NYU_TO_CLASS = {nyu: class_id(name) for name, nyu in NYU_LABEL_IDS.items()}
 
@@ -491,7 +491,7 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     Scene instances (`bedroom_0003`, ...) hold `images_per_scene` views each and are spread evenly over
     `scene_types`; train/test are split by scene instance (about `train_fraction` train, like NYU's 795/654) and
     `val_fraction` of the training scenes are listed in val_split.txt (NYU's 122 of 795). Everything depends only
-    on `seed` (and the arguments). `class_tint` blends each class toward its own colour (`rooms_scenes.tint_objects`;
+    on `seed` (and the arguments). `class_tint` blends each class toward its own colour (`scenes.tint_objects`;
     the layouts and views do not change with it). `min_object_area` (a fraction of the image; 0: the default) or
     `min_object_pixels` sets the smallest visible object that gets a box (`default_min_object_pixels`);
     `camera_distance` > 0 keeps the camera within that many metres of the object it films (0: anywhere).
@@ -568,8 +568,8 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
 
 # ----------------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rock_dist.data.rooms --out DIR --num_images N --seed S [--height H --width W]`."""
-    cfg = parse_config(RoomsConfig, argv, prog=command_name("rock_dist.data.rooms"))
+    """`python -m rock_dist.synthetic.rooms --out DIR --num_images N --seed S [--height H --width W]`."""
+    cfg = parse_config(RoomsConfig, argv, prog=command_name("rock_dist.synthetic.rooms"))
     start = time.perf_counter()
     step = max(1, cfg.num_images // 20)
 

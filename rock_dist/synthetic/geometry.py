@@ -1,4 +1,4 @@
-"""Ray casting of box-built rooms for the synthetic NYUv2-like data set (`rock_dist.data.rooms`).
+"""Ray casting of box-built rooms for the synthetic NYUv2-like data set (`rock_dist.synthetic.rooms`).
 
 A room is the axis-aligned box [0, Lx] x [0, Ly] x [0, Lz] in world coordinates (metres, z up; the floor is z = 0);
 furniture is a list of boxes rotated about the vertical axis. The camera is a pinhole with NYU's Kinect intrinsics
@@ -6,7 +6,7 @@ and the OpenCV/NYU camera frame (x right, y down, z along the optical axis). Eve
 boxes at once with the slab method, so one 480x640 image costs a few NumPy passes per box, and only over the pixel
 rectangle that the box can cover on screen.
 
-Called by `rock_dist.data.rooms_scenes` (visibility checks) and `rock_dist.data.rooms` (rendering).
+Called by `rock_dist.synthetic.scenes` (visibility checks) and `rock_dist.synthetic.rooms` (rendering).
 """
 
 from __future__ import annotations

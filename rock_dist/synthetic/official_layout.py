@@ -1,11 +1,11 @@
 """Writers of NYU Depth v2 look-alikes in the exact official file layout, for tests and synthetic training sets.
 
-`write_official_layout` turns in-memory arrays into the files the official reader (`rock_dist.data.nyuv2`) and the
-shard builder consume: `nyu_depth_v2_labeled.mat` (MATLAB v7.3 = HDF5 behind a 512-byte MATLAB header, dimensions
+`write_official_layout` turns in-memory arrays into the files the official reader (`rock_dist.shardbuild.nyuv2`) and
+the shard builder consume: `nyu_depth_v2_labeled.mat` (MATLAB v7.3 = HDF5 behind a 512-byte MATLAB header, dimensions
 reversed as MATLAB stores them, strings as object references into `#refs#`), `splits.mat` (MATLAB v5, 1-based
 (n, 1) uint16 indices), the Eigen & Fergus normals as 0-based 4-digit PNGs (a folder or a `.tgz`), and an optional
 `val_split.txt`. Nothing third-party is needed or committed: the tests, and the rooms generator
-(`rock_dist.data.rooms`), produce their datasets with it.
+(`rock_dist.synthetic.rooms`), produce their datasets with it.
 
 `make_random_dataset` draws random boxes-on-background images whose annotations are known by construction and writes
 them with a `ground_truth.json` sidecar, so tests can compare what the reader and the shards derive against it.

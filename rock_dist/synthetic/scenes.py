@@ -7,8 +7,8 @@ televisions on walls or on stands, doors in walls. Every object is a few oriente
 and four legs) with a class-specific size range and material, so appearance carries the class. Distractors that
 are not detection classes (cabinets, windows, pictures, whiteboards) keep the detector honest.
 
-Used by `rock_dist.data.rooms`, which renders a `Room` from `sample_camera` poses. Pure NumPy, seeded by the caller's
-`numpy.random.Generator`.
+Used by `rock_dist.synthetic.rooms`, which renders a `Room` from `sample_camera` poses. Pure NumPy, seeded by the
+caller's `numpy.random.Generator`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rock_dist.data.constants import CLASS_NAMES, NYU_LABEL_IDS
-from rock_dist.data.rooms_geometry import Box, Camera, Intrinsics, camera_rotation, rot_z
+from rock_dist.synthetic.geometry import Box, Camera, Intrinsics, camera_rotation, rot_z
 
 # NYU label ids of the room shell and of the distractors (positions in the official `names` list, 1-based).
 NYU_WALL, NYU_FLOOR, NYU_CEILING = 21, 11, 4
@@ -45,7 +45,7 @@ ROOM_SCENE_TYPES: tuple[str, ...] = tuple(SCENE_CLASSES)
 
 @dataclass(frozen=True)
 class Material:
-    """Surface appearance of a part. `texture` names a pattern of `rock_dist.data.rooms` for the sides; `front`
+    """Surface appearance of a part. `texture` names a pattern of `rock_dist.synthetic.rooms` for the sides; `front`
     and `top` override it on the +y and +z faces. `accent` is the pattern's second colour. `specular` and
     `dark_ir` surfaces drop Kinect depth (glossy ceramics, screens); `emissive` ones are not shaded (lamp shades,
     windows)."""
@@ -60,7 +60,7 @@ class Material:
     emissive: bool = False
 
     def texture_of_face(self, face: int) -> str:
-        """Pattern on face id `face` (rooms_geometry.FACE_*): +y front, +z top, other faces the side pattern."""
+        """Pattern on face id `face` (geometry.FACE_*): +y front, +z top, other faces the side pattern."""
         if face == 2 and self.front is not None:
             return self.front
         if face == 4 and self.top is not None:

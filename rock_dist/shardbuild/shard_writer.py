@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.manifest import ShardInfo, sha256_file
 from rock_dist.data.npy_member import AUX_LAYOUT, encode_npy, read_npy
-from rock_dist.data.nyuv2 import NormalPair, NYUSample, decode_png
+from rock_dist.shardbuild.nyuv2 import NormalPair, NYUSample, decode_png
 
 RGB_EXTS = ("rgb.jpg", "rgb.png")
 DEPTH_EXTS = ("depth.png", "depth.npy")
