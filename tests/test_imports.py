@@ -1,4 +1,8 @@
-"""The package's import graph: no cycles, and the engine never imports the benchmark code (rock_dist.perf).
+"""The package's import graph: no cycles, the engine never imports the benchmark code (rock_dist.perf), and the data
+packages depend one way, as the data flows (official files -> shards -> batches; docs/architecture.md): the
+streaming pipeline (rock_dist.data), the engine and the model never import the synthetic renderers
+(rock_dist.synthetic, tooling), the pipeline never imports the shard builder (rock_dist.shardbuild), and the builder
+and the renderers take from rock_dist.data only the shard format's shared contract (constants, manifest, npy members).
 
 Imports are read from the source with `ast` (nothing is imported), including the lazy ones inside functions, since
 those run too, just later. A `from PACKAGE import NAME` counts as an import of the submodule PACKAGE.NAME when there
@@ -94,8 +98,51 @@ def test_the_package_has_no_import_cycle() -> None:
     assert find_cycles(import_graph()) == []
 
 
+# The modules of rock_dist.data that the shard builder writes and the pipeline reads: the builder and the renderers
+# may import these, and nothing else of rock_dist.data.
+SHARD_CONTRACT = frozenset({"rock_dist.data.constants", "rock_dist.data.manifest", "rock_dist.data.npy_member"})
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def violations(graph: dict[str, set[str]], importers: tuple[str, ...], forbidden: str,
+               allowed: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """module of the `importers` packages -> the modules of package `forbidden` (less `allowed`) that it imports."""
+    found = {name: sorted(t for t in targets if in_package(t, forbidden) and t not in allowed)
+             for name, targets in graph.items() if any(in_package(name, p) for p in importers)}
+    return {name: targets for name, targets in found.items() if targets}
+
+
+def test_the_layering_check_reports_a_forbidden_import() -> None:
+    graph = {"rock_dist.data.pipeline": {"rock_dist.synthetic.rooms", "rock_dist.data.batch"},
+             "rock_dist.shardbuild.nyuv2": {"rock_dist.data.constants", "rock_dist.data.transforms"},
+             "rock_dist.datasets": {"rock_dist.synthetic"}}
+    assert violations(graph, ("rock_dist.data",), "rock_dist.synthetic") == {
+        "rock_dist.data.pipeline": ["rock_dist.synthetic.rooms"]}
+    assert violations(graph, ("rock_dist.shardbuild",), "rock_dist.data", SHARD_CONTRACT) == {
+        "rock_dist.shardbuild.nyuv2": ["rock_dist.data.transforms"]}
+    assert violations(graph, ("rock_dist.model",), "rock_dist.synthetic") == {}
+
+
 def test_the_engine_never_imports_the_benchmarks() -> None:
+    assert violations(import_graph(), ("rock_dist.engine",), "rock_dist.perf") == {}
+
+
+def test_the_training_path_never_imports_the_synthetic_renderers() -> None:
     graph = import_graph()
-    offending = {name: sorted(t for t in targets if t == "rock_dist.perf" or t.startswith("rock_dist.perf."))
-                 for name, targets in graph.items() if name.startswith("rock_dist.engine")}
-    assert {name: targets for name, targets in offending.items() if targets} == {}
+    assert "rock_dist.synthetic.official_layout" in graph["rock_dist.synthetic.rooms"]  # the package is seen
+    assert violations(graph, ("rock_dist.data", "rock_dist.engine", "rock_dist.model"), "rock_dist.synthetic") == {}
+
+
+def test_the_streaming_pipeline_never_imports_the_shard_builder() -> None:
+    graph = import_graph()
+    assert "rock_dist.shardbuild.nyuv2" in graph["rock_dist.shards"]  # the package is seen
+    assert violations(graph, ("rock_dist.data",), "rock_dist.shardbuild") == {}
+
+
+def test_the_builder_and_renderers_take_only_the_shard_contract_from_data() -> None:
+    graph = import_graph()
+    assert "rock_dist.data.manifest" in graph["rock_dist.shardbuild.shard_writer"]  # contract imports are seen
+    assert violations(graph, ("rock_dist.shardbuild", "rock_dist.synthetic"), "rock_dist.data", SHARD_CONTRACT) == {}
