@@ -9,7 +9,9 @@ detections.json and metrics.json to --coco_json_save_path.
 The model comes from a weights file (.pt, or .safetensors with its .json) or a training checkpoint
 (rock_dist.engine.checkpoint.load_model); the file stores its architecture, so --no_rock / --aux_tasks only serve as
 a check that the file is the expected model. Detections are decoded with the post-processing settings saved with the
-weights (docs/weights.md); --score_threshold / --nms_iou / --max_detections override them when given.
+weights (docs/weights.md); --score_threshold / --nms_iou / --max_detections override them when given. Device,
+precision, batch and post-processing come from the run plan (`engine.run_plan`, completed by the weights file in
+`load_for_inference`, which `rock_dist.detect` shares).
 """
 
 from __future__ import annotations

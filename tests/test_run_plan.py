@@ -64,6 +64,22 @@ def test_train_evaluate_and_detect_resolve_the_same_device_and_precision(
         resolve_run_plan(parse_config(DetectConfig, ["model.pt"])).device == "cpu"
 
 
+def test_the_layout_comes_from_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from rock_dist.engine.run_plan import check_layout, launcher_layout
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "3")  # a scheduler's stray RANK without a launcher: one process
+    assert launcher_layout() == (1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launcher_layout() == (4, 3)
+    plan = RunPlan(device="cpu", precision="fp32", world_size=4, rank=3)
+    check_layout(plan, SimpleNamespace(num_processes=4, process_index=3, distributed_type="MULTI_CPU"))
+    with pytest.raises(ConfigError, match="rank 2 of 4, but the launcher said rank 3 of 4"):
+        check_layout(plan, SimpleNamespace(num_processes=4, process_index=2, distributed_type="MULTI_CPU"))
+
+
 def test_inference_refuses_fp16_on_the_cpu_and_the_bench_takes_the_fast_recipe(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -88,9 +88,11 @@ def on_cuda_by_default(choice: str, device: DeviceKind) -> bool:
 
 
 def launcher_layout() -> tuple[int, int]:
-    """(world size, rank) the launcher gave this process (1, 0 without a launcher); `engine.distributed
-    .check_world_size` holds the Accelerator to it."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
+    """(world size, rank) the launcher gave this process (1, 0 without a launcher); `check_layout` holds the
+    Accelerator to it. RANK counts only beside WORLD_SIZE: a stray RANK from a scheduler does not make a plain
+    `python -m rock_dist.train` a rank of a group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world_size, int(os.environ.get("RANK", "0") or 0) if world_size > 1 else 0
 
 
 # -------------------------------------------------------------------------------------------------- the plan
