@@ -50,7 +50,7 @@ from rock_dist.engine import memory
 from rock_dist.engine.fast_path import Precision
 from rock_dist.perf import report
 from rock_dist.perf.infer_bench import saved_postprocess
-from rock_dist.perf.recipes import Recipe, fast_recipe, ladder
+from rock_dist.perf.recipes import Recipe, ladder
 
 
 @dataclasses.dataclass
@@ -63,8 +63,8 @@ class Settings:
     image_size: tuple[int, int]
     batch_size: int
     infer_batch_size: int
-    precision: Precision | None  # None: the fast recipe's choice for the device
-    compile: bool | None
+    precision: Precision  # the run plan's ('auto': the fast recipe's choice for the device)
+    compile: bool
     warmup: int
     repeats: int
     iters: int
@@ -79,10 +79,10 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
     unknown = [s for s in sections if s not in BENCH_SECTIONS]
     if unknown or not sections:
         raise ConfigError(f"--sections {' '.join(cfg.sections)}: choose from {', '.join(BENCH_SECTIONS)}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible (use --device auto or cpu)")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    from rock_dist.engine.run_plan import resolve_run_plan
+
+    plan = resolve_run_plan(cfg)  # device, precision, compile and batch: 'auto' is the fast recipe's choice
+    device = plan.torch_device
     cuda = device.type == "cuda"
     quick = cfg.quick
     backbone = cfg.backbone if cfg.backbone != "auto" else ("resnet18" if quick else "resnet50")
@@ -90,7 +90,7 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
     stored = cfg.stored_size if any(cfg.stored_size) else ((96, 128) if quick else (480, 640))
     if min(image_size) < 64 or min(stored) < 24:
         raise ConfigError(f"--image_size {image_size} / --stored_size {stored}: too small (>= 64 / >= 24 pixels)")
-    batch = cfg.batch_size or fast_recipe(device).batch_size
+    batch = plan.batch_size
     if batch < 2:
         raise ConfigError(f"--batch_size {batch}: training needs at least 2 images (BatchNorm)")
     for flag, value in (("--warmup", cfg.warmup), ("--repeats", cfg.repeats), ("--iters", cfg.iters),
@@ -101,8 +101,7 @@ def resolve_settings(cfg: BenchConfig) -> Settings:
     return Settings(
         sections=sections, device=device, backbone=backbone, image_size=image_size,
         batch_size=batch, infer_batch_size=cfg.infer_batch_size or batch,
-        precision=None if cfg.precision == "auto" else cfg.precision,
-        compile=None if cfg.compile == "auto" else cfg.compile == "yes",
+        precision=plan.precision, compile=plan.compile,
         warmup=cfg.warmup if cfg.warmup >= 0 else (1 if quick else (10 if cuda else 2)),
         repeats=cfg.repeats or (3 if quick else 5),
         iters=cfg.iters or (2 if quick else (20 if cuda else 3)),

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rock_dist.cli import run_cli
-from rock_dist.config import DetectConfig, parse_config, resolve_postprocess
+from rock_dist.config import DetectConfig, parse_config
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.fsutil import atomic_path, atomic_write_json
 from rock_dist.perf.timing import synchronize
@@ -160,33 +160,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(DetectConfig, argv, description=__doc__.splitlines()[0])
     from rich.console import Console
 
-    from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
-    from rock_dist.engine.checkpoint import load_model
-    from rock_dist.engine.fast_path import apply_inference_recipe, inference_recipe
+    from rock_dist.engine.run_plan import resolve_run_plan
     from rock_dist.engine.visualize import draw_detections
-    from rock_dist.evaluate import check_model_flags, describe_postprocess, resolve_device
+    from rock_dist.evaluate import describe_postprocess, load_for_inference
 
     console = Console(highlight=False)
     err_console = Console(highlight=False, stderr=True)
-    if cfg.batch_size < 1:
-        raise ConfigError(f"--batch_size {cfg.batch_size}: must be at least 1")
-    device = torch.device(resolve_device(cfg.device))
-    model, model_config, meta = load_model(cfg.model_path, device)
-    check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
-    # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
-    runner = apply_inference_recipe(model, inference_recipe(), device).model
+    plan = resolve_run_plan(cfg)
+    device = plan.torch_device
+    given = {name: getattr(cfg, name) for name in ("conf_threshold", "nms_iou", "max_detections")}
+    plan, runner, meta = load_for_inference(plan, device, cfg.model_path, no_rock=cfg.no_rock,
+                                            aux_tasks=cfg.aux_tasks, given=given)
+    model_config = plan.model
     for flag, task in (("--scene_output_path", "scene"), ("--depth_output_path", "depth"),
                        ("--normals_output_path", "normals")):
         if getattr(cfg, flag[2:]) and task not in model_config.tasks:
             raise ConfigError(f"{flag}: the model in {cfg.model_path} does not predict {task} "
                               f"(its tasks: {' '.join(model_config.tasks) or 'none, baseline SSD'})")
-    class_names = list(meta.get("class_names") or CLASS_NAMES)
-    scene_types = list(meta.get("scene_types") or SCENE_TYPES)
-
-    given = {name: getattr(cfg, name) for name in ("conf_threshold", "nms_iou", "max_detections")}
-    post = resolve_postprocess(meta["postprocess"], **given)
-    detector = Detector(runner, model_config.image_size, device, post.conf_threshold, post.nms_iou,
-                        post.max_detections)
+    class_names, scene_types = list(plan.class_names), list(plan.scene_types)
+    post = plan.postprocess
+    detector = Detector(runner, plan.image_size, device, post.conf_threshold, post.nms_iou, post.max_detections)
     inputs = list_inputs(Path(cfg.image_path))
     stems = _output_stems(inputs)
     out_dir = Path(cfg.detection_output_path)
@@ -196,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if cfg.get_throughput and inputs:
         # One untimed pass first: CUDA context, cuDNN autotuning and allocator growth are not steady-state cost.
-        warm = [im for im in (_try_load(detector, p) for p in inputs[:cfg.batch_size]) if im is not None]
+        warm = [im for im in (_try_load(detector, p) for p in inputs[:plan.batch_size]) if im is not None]
         if warm:
             detector.run(warm)
             synchronize(device)
@@ -205,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped: list[str] = []
     timed_seconds = 0.0
     timed_images = 0
-    for start in range(0, len(inputs), cfg.batch_size):
-        chunk = inputs[start:start + cfg.batch_size]
+    for start in range(0, len(inputs), plan.batch_size):
+        chunk = inputs[start:start + plan.batch_size]
         synchronize(device)
         t0 = time.perf_counter()
         loaded: list[LoadedImage] = []
@@ -258,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.get_throughput:
         if timed_images:
             console.print(f"throughput: {timed_images / timed_seconds:.1f} images/s end to end (read, decode, "
-                          f"resize, model, box decoding + NMS; {timed_images} images, batch {cfg.batch_size}, "
+                          f"resize, model, box decoding + NMS; {timed_images} images, batch {plan.batch_size}, "
                           f"{device}; drawing and writing excluded)")
         else:
             console.print("throughput: no readable image to time")

@@ -9,7 +9,9 @@ detections.json and metrics.json to --coco_json_save_path.
 The model comes from a weights file (.pt, or .safetensors with its .json) or a training checkpoint
 (rock_dist.engine.checkpoint.load_model); the file stores its architecture, so --no_rock / --aux_tasks only serve as
 a check that the file is the expected model. Detections are decoded with the post-processing settings saved with the
-weights (docs/weights.md); --score_threshold / --nms_iou / --max_detections override them when given.
+weights (docs/weights.md); --score_threshold / --nms_iou / --max_detections override them when given. Device,
+precision, batch and post-processing come from the run plan (`engine.run_plan`, completed by the weights file in
+`load_for_inference`, which `rock_dist.detect` shares).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ if __name__ == "__main__":  # answer --help before the heavy imports below
 
     answer_help_early("EvaluateConfig", description=__doc__.splitlines()[0])
 
-import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from rock_dist.cli import run_cli
-from rock_dist.config import AUX_TASKS, EvaluateConfig, LossConfig, ModelConfig, parse_config, resolve_postprocess
+from rock_dist.config import AUX_TASKS, EvaluateConfig, ModelConfig, parse_config
 from rock_dist.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from rock_dist.engine.run_plan import Postprocess, RunPlan
 
 
 def check_model_flags(model_config: ModelConfig, no_rock: bool, aux_tasks: Sequence[str], model_path: str) -> None:
@@ -44,48 +48,31 @@ def check_model_flags(model_config: ModelConfig, no_rock: bool, aux_tasks: Seque
                               f"trained with --aux_tasks {' '.join(stored)}; pass --aux_tasks {' '.join(stored)}")
 
 
-def describe_postprocess(loss: LossConfig, saved: dict[str, Any], given: dict[str, Any]) -> str:
+def describe_postprocess(post: Postprocess, saved: dict[str, Any], given: dict[str, Any]) -> str:
     """One line saying which post-processing settings run and where each comes from (flag, weights file, default)."""
     def origin(name: str) -> str:
         return "flag" if given.get(name) is not None else "weights" if name in saved else "default"
 
     labels = {"score_threshold": "score >", "conf_threshold": "score >=", "nms_iou": "NMS IoU",
               "max_detections": "at most"}
-    return ", ".join(f"{labels[name]} {getattr(loss, name)} ({origin(name)})" for name in given)
+    return ", ".join(f"{labels[name]} {getattr(post, name)} ({origin(name)})" for name in given)
 
 
-def _cpu_forced() -> bool:
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+def load_for_inference(plan: RunPlan, device: torch.device, model_path: str, *, no_rock: bool,
+                       aux_tasks: Sequence[str], given: dict[str, Any]
+                       ) -> tuple[RunPlan, torch.nn.Module, dict[str, Any]]:
+    """Load the weights file for evaluate and detect: (the plan completed with the file's architecture, vocabulary
+    and post-processing (`given` flags win), the model set up for inference on `device` (the plan's, with this
+    process's GPU index), the file's meta). --no_rock / --aux_tasks are checked against the file."""
+    from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
+    from rock_dist.engine.checkpoint import load_model
+    from rock_dist.engine.fast_path import apply_inference_recipe, inference_recipe
 
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible and CPU is not forced by the launcher, else 'cpu'; ConfigError for an
-    impossible request."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
-    if device == "auto":
-        # A launch with ACCELERATE_USE_CPU=1 runs gloo on the CPU (docs/training.md); 'auto' must agree with it, or a
-        # GPU machine would pick bf16 on CUDA for an Accelerator that is forced onto the CPU.
-        return "cuda" if torch.cuda.is_available() and not _cpu_forced() else "cpu"
-    return device
-
-
-def resolve_mixed_precision(choice: str, device: str) -> str:
-    """'auto' -> bf16 on a GPU that supports it, else 'no'; fp16 on the CPU is refused."""
-    if choice == "auto":
-        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if choice == "fp16" and device == "cpu":
-        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
-    return choice
-
-
-def make_accelerator(device: str, mixed_precision: str) -> Any:
-    """An Accelerator for inference; CPU is forced when asked, so a CPU multi-process launch uses gloo
-    (docs/training.md)."""
-    from accelerate import Accelerator
-
-    cpu = device == "cpu" or _cpu_forced()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    model, model_config, meta = load_model(model_path, device)
+    check_model_flags(model_config, no_rock, aux_tasks, model_path)
+    plan = plan.with_weights(model_config, meta, given, default_names=(CLASS_NAMES, SCENE_TYPES))
+    # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
+    return plan, apply_inference_recipe(model, inference_recipe(), device).model, meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,25 +81,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rock_dist.data.manifest import load_manifest
     from rock_dist.data.pipeline import make_eval_loader
-    from rock_dist.engine.checkpoint import load_model
-    from rock_dist.engine.distributed import check_world_size
-    from rock_dist.engine.fast_path import apply_inference_recipe, inference_recipe
     from rock_dist.engine.console import EvalProgress
     from rock_dist.engine.evaluation import evaluate, metrics_renderables
-    from rock_dist.model.priors import feature_map_sizes
+    from rock_dist.engine.run_plan import check_layout, eval_loader_spec, resolve_run_plan
+    from rock_dist.engine.runtime import inference_accelerator
 
-    device = resolve_device(cfg.device)
-    accelerator = make_accelerator(device, resolve_mixed_precision(cfg.mixed_precision, device))
-    check_world_size(accelerator)
+    plan = resolve_run_plan(cfg)
+    accelerator = inference_accelerator(plan)
+    check_layout(plan, accelerator)
     console = Console(stderr=False, quiet=not accelerator.is_main_process)
 
-    if cfg.batch_size < 1:
-        raise ConfigError(f"--batch_size {cfg.batch_size}: must be at least 1")
     manifest = load_manifest(cfg.test_path)
-    model, model_config, meta = load_model(cfg.model_path, accelerator.device)
-    check_model_flags(model_config, cfg.no_rock, cfg.aux_tasks, cfg.model_path)
-    # Inference only: every conv→BN pair folds exactly in eval mode, one kernel fewer per layer.
-    runner = apply_inference_recipe(model, inference_recipe(), accelerator.device).model
+    given = {name: getattr(cfg, name) for name in ("score_threshold", "nms_iou", "max_detections")}
+    plan, runner, meta = load_for_inference(plan, accelerator.device, cfg.model_path, no_rock=cfg.no_rock,
+                                            aux_tasks=cfg.aux_tasks, given=given)
+    model_config = plan.model
     class_names = list(manifest.class_names)
     if len(class_names) != model_config.num_classes - 1:
         raise DataError(f"{cfg.model_path}: the model predicts {model_config.num_classes - 1} classes but "
@@ -121,21 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError(f"{cfg.model_path}: the model was trained on classes {meta['class_names']} but "
                         f"{manifest.path} lists {class_names}")
 
-    given = {name: getattr(cfg, name) for name in ("score_threshold", "nms_iou", "max_detections")}
-    loss_config = resolve_postprocess(meta["postprocess"], **given)
-
-    image_size = model_config.image_size
-    target_size = feature_map_sizes(image_size, model_config.backbone)[0]
-    loader = make_eval_loader(cfg.test_path, image_size=image_size, target_size=target_size,
-                              batch_size=cfg.batch_size,
-                              num_workers=cfg.num_workers,  # -1 is resolved by the pipeline
-                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loss_config = plan.postprocess.loss_config()
+    image_size = plan.image_size
+    loader = make_eval_loader(eval_loader_spec(plan, cfg.test_path, cfg.num_workers))  # -1: the pipeline's choice
 
     console.print(f"[bold]Evaluating[/] {cfg.model_path} ({model_config.backbone}, "
                   f"{'ROCK: ' + ' '.join(model_config.tasks) if model_config.tasks else 'baseline SSD'}, "
                   f"input {image_size[0]}x{image_size[1]}) on {manifest.num_samples} images of {cfg.test_path} "
                   f"with {accelerator.num_processes} process(es) on {accelerator.device}; decoding: "
-                  f"{describe_postprocess(loss_config, meta['postprocess'], given)}")
+                  f"{describe_postprocess(plan.postprocess, meta['postprocess'], given)}")
 
     progress = EvalProgress("evaluating", getattr(loader, "num_samples", None),
                             enabled=not cfg.no_verbose and accelerator.is_main_process)

@@ -71,7 +71,7 @@ def test_fp16_autocast_and_grad_scaler_on_cpu_survive_a_resume(shard_dir: Path, 
     state is in the checkpoint and a resumed run starts from it, not from a fresh scaler."""
     trainer = Trainer(_cfg(shard_dir, tmp_path, "--mixed_precision", "fp16", "--num_iters", "1"))
     scaler = trainer.accelerator.scaler
-    assert trainer.runtime.mixed_precision == "fp16" and isinstance(scaler, torch.amp.GradScaler)
+    assert trainer.plan.precision == "fp16" and isinstance(scaler, torch.amp.GradScaler)
     assert scaler.get_scale() == 2.0 ** 16  # torch's initial scale
     seen: list[torch.dtype] = []
     conv = ckpt.unwrap(trainer.model).backbone.conv1

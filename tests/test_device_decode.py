@@ -18,6 +18,7 @@ from torchvision.io import encode_jpeg
 from rock_dist.data import device_decode, pipeline
 from rock_dist.data.device_decode import DeviceDecoder, finish_images
 from rock_dist.data.transforms import jpeg_size
+from rock_dist.data.loader_spec import TrainLoaderSpec
 from rock_dist.data.pipeline import make_train_loader
 from rock_dist.errors import ConfigError, DataError
 
@@ -26,8 +27,8 @@ TARGET_SIZE = (8, 10)
 
 
 def _stream(shard_dir: Path, **kwargs: Any) -> Any:
-    return make_train_loader(str(shard_dir / "train"), image_size=IMAGE_SIZE, target_size=TARGET_SIZE,
-                             batch_size=3, num_workers=0, seed=5, rank=0, world_size=1, **kwargs)
+    return make_train_loader(TrainLoaderSpec(str(shard_dir / "train"), image_size=IMAGE_SIZE, target_size=TARGET_SIZE,
+                                             batch_size=3, num_workers=0, seed=5, rank=0, world_size=1, **kwargs))
 
 
 def _take(stream: Any, n: int) -> list[Mapping[str, Any]]:

@@ -302,14 +302,15 @@ def _oracle_metrics(split_dir: Path, accelerator: Any, *, perfect: bool, batch_s
                     out_dir: Path | None = None) -> dict[str, Any]:
     from rock_dist.config import LossConfig
     from rock_dist.data.manifest import load_manifest
+    from rock_dist.data.loader_spec import EvalLoaderSpec
     from rock_dist.data.pipeline import make_eval_loader
     from rock_dist.engine.evaluation import evaluate
 
     manifest = load_manifest(split_dir)
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    loader = make_eval_loader(str(split_dir), image_size=(64, 80), target_size=(12, 16), batch_size=batch_size,
-                              num_workers=0, rank=rank, world_size=world)
+    loader = make_eval_loader(EvalLoaderSpec(str(split_dir), image_size=(64, 80), target_size=(12, 16),
+                                             batch_size=batch_size, num_workers=0, rank=rank, world_size=world))
     model = OracleDetector(perfect)
     return evaluate(model, model.feed(loader), accelerator, loss_config=LossConfig(), out_dir=out_dir,
                     show_all_cats=True, class_names=manifest.class_names, expected_images=manifest.num_samples)
@@ -334,12 +335,13 @@ def test_evaluate_perfect_detections_through_the_pipeline(shard_dir: Path, tmp_p
 
 def test_evaluate_drops_duplicates_and_reports_missing_images(shard_dir: Path) -> None:
     from rock_dist.config import LossConfig
+    from rock_dist.data.loader_spec import EvalLoaderSpec
     from rock_dist.data.pipeline import make_eval_loader
     from rock_dist.engine.evaluation import evaluate
     from rock_dist.errors import DataError
 
-    batches = list(make_eval_loader(str(shard_dir / "test"), image_size=(64, 80), target_size=(12, 16),
-                                    batch_size=4, num_workers=0, rank=0, world_size=1))
+    batches = list(make_eval_loader(EvalLoaderSpec(str(shard_dir / "test"), image_size=(64, 80), target_size=(12, 16),
+                                    batch_size=4, num_workers=0, rank=0, world_size=1)))
     n = sum(len(b["image_id"]) for b in batches)
     model = OracleDetector(perfect=True)
     # A loader that hands out the first batch twice (as a padding sampler would): counted once.

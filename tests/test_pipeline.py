@@ -13,6 +13,7 @@ import torch
 
 from rock_dist.data.batch import prepare_batch
 from rock_dist.data.manifest import load_manifest
+from rock_dist.data.loader_spec import EvalLoaderSpec, TrainLoaderSpec
 from rock_dist.data.pipeline import make_eval_loader, make_train_loader
 from rock_dist.data.shard_index import INDEX_NAME, cache_index_path
 from rock_dist.data.sources import split_source_list
@@ -27,7 +28,8 @@ TGT = (4, 5)
 def _train(src: str | Path, **kw):  # type: ignore[no-untyped-def]
     args = dict(image_size=IMG, target_size=TGT, batch_size=2, num_workers=0, seed=0, rank=0, world_size=1)
     args.update(kw)
-    return make_train_loader(str(src), **args)
+    start = args.pop("start_sample", 0)
+    return make_train_loader(TrainLoaderSpec(str(src), **args), start_sample=start)
 
 
 def _take(stream, n: int) -> list[dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
@@ -229,8 +231,9 @@ def test_eval_every_image_exactly_once(shard_dir: Path, world: int) -> None:
     manifest = load_manifest(shard_dir / "test")
     ids: list[int] = []
     for rank in range(world):
-        loader = make_eval_loader(str(shard_dir / "test"), image_size=IMG, target_size=TGT, batch_size=3,
-                                  num_workers=2 if rank == 0 else 0, rank=rank, world_size=world)
+        loader = make_eval_loader(EvalLoaderSpec(str(shard_dir / "test"), image_size=IMG, target_size=TGT,
+                                                 batch_size=3, num_workers=2 if rank == 0 else 0, rank=rank,
+                                                 world_size=world))
         got = [int(i) for b in loader for i in b["image_id"]]
         assert len(got) == loader.num_samples
         assert len(list(loader)) == len(loader)  # re-iterable, len() is the batch count
@@ -240,8 +243,8 @@ def test_eval_every_image_exactly_once(shard_dir: Path, world: int) -> None:
 
 def test_eval_is_deterministic(shard_dir: Path) -> None:
     def run() -> list[dict[str, torch.Tensor]]:
-        return list(make_eval_loader(str(shard_dir / "test"), image_size=IMG, target_size=TGT, batch_size=4,
-                                     num_workers=0, rank=0, world_size=1))
+        return list(make_eval_loader(EvalLoaderSpec(str(shard_dir / "test"), image_size=IMG, target_size=TGT,
+                                                    batch_size=4, num_workers=0, rank=0, world_size=1)))
     a, b = run(), run()
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
@@ -301,8 +304,8 @@ def test_corrupt_tar_is_a_data_error(shard_dir: Path, tmp_path: Path, damage: st
     with pytest.raises(DataError, match=victim.name):
         _take(_train(split, num_workers=workers, batch_size=1), 40)
     with pytest.raises(DataError, match=victim.name):
-        list(make_eval_loader(str(split), image_size=IMG, target_size=TGT, batch_size=2, num_workers=workers, rank=0,
-                              world_size=1))
+        list(make_eval_loader(EvalLoaderSpec(str(split), image_size=IMG, target_size=TGT, batch_size=2,
+                                             num_workers=workers, rank=0, world_size=1)))
 
 
 def test_bad_manifest_and_missing_split(tmp_path: Path, shard_dir: Path) -> None:
@@ -359,5 +362,5 @@ def test_shards_read_whole_are_checked_against_their_sha256(shard_dir: Path, tmp
     data[-1100] ^= 0xFF  # inside the last member's data or padding: every header and count stays valid
     victim.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"{victim.name}: its sha256 differs from the manifest"):
-        list(make_eval_loader(str(split), image_size=IMG, target_size=TGT, batch_size=2, num_workers=0, rank=0,
-                              world_size=1))
+        list(make_eval_loader(EvalLoaderSpec(str(split), image_size=IMG, target_size=TGT, batch_size=2,
+                                             num_workers=0, rank=0, world_size=1)))

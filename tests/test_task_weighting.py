@@ -197,11 +197,13 @@ def test_accumulation_gives_the_weights_and_model_of_the_large_batch(weighting: 
 @pytest.mark.parametrize("weighting", ADAPTIVE)
 def test_a_step_without_depth_targets_leaves_the_depth_weight(weighting: str, shard_dir: Path,
                                                               tmp_path: Path) -> None:
+    from rock_dist.data.loader_spec import TrainLoaderSpec
     from rock_dist.data.pipeline import make_train_loader
 
     trainer = _trainer(shard_dir, tmp_path, weighting, "--batch_size", "2", "--num_iters", "4")
-    stream = iter(make_train_loader(str(shard_dir / "train"), image_size=(64, 64), target_size=trainer.target_size,
-                                    batch_size=2, num_workers=0, seed=0, rank=0, world_size=1))
+    stream = iter(make_train_loader(TrainLoaderSpec(str(shard_dir / "train"), image_size=(64, 64),
+                                                    target_size=trainer.target_size, batch_size=2, num_workers=0,
+                                                    seed=0, rank=0, world_size=1)))
     trainer._train_mode()
     for step in (1, 2):  # DWA needs two window means before its weights move
         trainer.train_step([next(stream)], step=step)

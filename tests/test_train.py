@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from rock_dist.config import TrainConfig, parse_config
+from rock_dist.data.loader_spec import TrainLoaderSpec
 from rock_dist.data.pipeline import make_train_loader
 from rock_dist.engine import checkpoint as ckpt
 from rock_dist.engine.console import TrainConsole
 from rock_dist.engine.normalization import micro_batch_counts
-from rock_dist.engine.runtime import resolve_runtime
+from rock_dist.engine.run_plan import resolve_run_plan
 from rock_dist.engine.trainer import Trainer, train
 from rock_dist.errors import ConfigError, DataError
 
@@ -70,8 +71,8 @@ def _pad_cat(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> di
 
 def _loader(shard_dir: Path, target_size: tuple[int, int]) -> Any:
     """A 1-process training stream of batches of 2 (the shapes the trainer expects)."""
-    return make_train_loader(str(shard_dir / "train"), image_size=(128, 160), target_size=target_size,
-                             batch_size=2, num_workers=0, seed=0, rank=0, world_size=1)
+    return make_train_loader(TrainLoaderSpec(str(shard_dir / "train"), image_size=(128, 160), target_size=target_size,
+                                             batch_size=2, num_workers=0, seed=0, rank=0, world_size=1))
 
 
 def _freeze_all_batchnorm(module: torch.nn.Module) -> None:
@@ -224,7 +225,7 @@ def test_resume_equals_straight_run(shard_dir: Path, tmp_path: Path) -> None:
 def test_bf16_autocast_runs_on_cpu(shard_dir: Path, tmp_path: Path) -> None:
     cfg = make_cfg(shard_dir, tmp_path, "--mixed_precision", "bf16", "--num_iters", "1")
     trainer = Trainer(cfg)
-    assert trainer.runtime.mixed_precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.plan.precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
     seen: list[torch.dtype] = []
     conv = ckpt.unwrap(trainer.model).backbone.conv1
     handle = conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
@@ -235,24 +236,30 @@ def test_bf16_autocast_runs_on_cpu(shard_dir: Path, tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in ckpt.unwrap(trainer.model).parameters())  # fp32 master weights
 
 
-def test_runtime_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_plan_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     base = parse_config(TrainConfig, [])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rt = resolve_runtime(base)  # auto on a machine without CUDA: CPU, no autocast, no compile, no channels_last
-    assert rt.cpu and rt.mixed_precision == "no" and not rt.compile and not rt.channels_last
+    monkeypatch.setattr("rock_dist.engine.run_plan.dataset_vocabulary", lambda path: (["a", "b"], ["s"]))
+    rt = resolve_run_plan(base)  # auto on a machine without CUDA: CPU, no autocast, no compile, no channels_last
+    assert rt.cpu and rt.precision == "fp32" and not rt.compile and not rt.channels_last
+    assert rt.accelerate_precision == "no"  # Accelerate's word for it, only where an Accelerator is built
     # fp16 on a CPU runs (CPU autocast + CPU GradScaler: test_cpu_paths.py) where torch has both.
-    fp16 = resolve_runtime(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
-    assert fp16.cpu and fp16.mixed_precision == "fp16"
+    fp16 = resolve_run_plan(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
+    assert fp16.cpu and fp16.precision == "fp16"
     monkeypatch.setattr("rock_dist.engine.runtime.cpu_fp16_supported", lambda: False)
     with pytest.raises(ConfigError, match="fp16 on the CPU needs torch >= 2.3"):
-        resolve_runtime(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
+        resolve_run_plan(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
     with pytest.raises(ConfigError, match="--device cuda"):
-        resolve_runtime(parse_config(TrainConfig, ["--device", "cuda"]))
+        resolve_run_plan(parse_config(TrainConfig, ["--device", "cuda"]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    rt = resolve_runtime(base)
-    assert not rt.cpu and rt.mixed_precision == "bf16" and rt.compile and rt.channels_last
-    assert resolve_runtime(parse_config(TrainConfig, ["--cpu"])).cpu
+    rt = resolve_run_plan(base)
+    assert not rt.cpu and rt.precision == "bf16" and rt.compile and rt.channels_last
+    assert resolve_run_plan(parse_config(TrainConfig, ["--cpu"])).cpu
+    # The model is resolved against the shards' vocabulary (classes + background), the global batch from the layout.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    plan = resolve_run_plan(parse_config(TrainConfig, ["--batch_size", "4", "--gradient_accumulation_steps", "2"]))
+    assert plan.model.num_classes == 3 and plan.model.num_scenes == 1 and plan.global_batch == 4 * 2 * 3
 
 
 def test_auto_batch_size_refuses_cpu_and_keeps_a_resumed_batch(shard_dir: Path, tmp_path: Path,
@@ -266,12 +273,13 @@ def test_auto_batch_size_refuses_cpu_and_keeps_a_resumed_batch(shard_dir: Path, 
     monkeypatch.setattr(memory, "max_batch_not_applicable", lambda device: None)
     monkeypatch.setattr(memory, "auto_train_batch_size", lambda *a, **k: 4)
     trainer = Trainer(make_cfg(shard_dir, tmp_path, "--auto_batch_size", "--num_iters", "1"))
-    assert trainer.cfg.data.batch_size == 4 and trainer.global_batch == 4
+    assert trainer.plan.batch_size == 4 and trainer.global_batch == 4 and trainer.plan.batch_origin == "auto"
+    assert trainer.cfg.data.batch_size == 2  # the flags themselves are never rewritten
     trainer.fit()
     monkeypatch.setattr(memory, "auto_train_batch_size", lambda *a, **k: 6)
     resumed = Trainer(make_cfg(shard_dir, tmp_path, "--auto_batch_size", "--num_iters", "2", "--checkpoint_path",
                                str(tmp_path / "ckpt")))
-    assert resumed.cfg.data.batch_size == 4
+    assert resumed.plan.batch_size == 4 and resumed.plan.batch_origin == "checkpoint"
 
 
 # -------------------------------------------------------------------------------------------------- input checks

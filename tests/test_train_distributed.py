@@ -270,12 +270,13 @@ def test_a_data_error_on_one_rank_stops_every_rank_with_its_message(one_shard: P
     with the same one-line cause instead of one dying in a collective; nothing is saved after it."""
     import shutil
 
+    from rock_dist.data.loader_spec import TrainLoaderSpec
     from rock_dist.data.pipeline import make_train_loader
 
     split = tmp_path / "train"
     shutil.copytree(one_shard / "train", split)
-    stream = make_train_loader(str(split), image_size=(128, 160), target_size=(16, 20), batch_size=2, num_workers=0,
-                               seed=0, rank=1, world_size=2)
+    stream = make_train_loader(TrainLoaderSpec(str(split), image_size=(128, 160), target_size=(16, 20), batch_size=2,
+                                               num_workers=0, seed=0, rank=1, world_size=2))
     victim = stream.planned_keys(1, first=2 * batch)[0]
     _damage_sample(split, victim)
     cmd = [str(LAUNCH / "cpu_2proc.sh"), "--train_path", str(split), "--val_path", "", *SMALL,

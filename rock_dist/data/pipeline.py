@@ -1,6 +1,7 @@
 """WebDataset training and evaluation loaders: seeded, split by rank and worker, batched in the workers.
 
-Called by the trainer (`make_train_loader`), evaluation (`make_eval_loader`) and the benchmarks. Batches follow the
+Called by the trainer (`make_train_loader`), evaluation (`make_eval_loader`) and the benchmarks, each with a frozen
+spec of what it wants (`rock_dist.data.loader_spec`; commands build theirs from their run plan). Batches follow the
 format of `rock_dist.data.batch.collate`; move them with `rock_dist.data.batch.prepare_batch`. Never pass these
 loaders through `accelerator.prepare`: the split by rank is done here. docs/data_pipeline.md explains the modes for
 users.
@@ -44,15 +45,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rock_dist.data.batch import collate
-from rock_dist.data.device_decode import DecodeDevice, DeviceDecoder, resolve_decode_device
+from rock_dist.data.device_decode import DeviceDecoder, resolve_decode_device
+from rock_dist.data.loader_spec import DataMode, EvalLoaderSpec, TrainLoaderSpec
 from rock_dist.data.epoch_plan import EpochPlan, ShardMap, rank_position
 from rock_dist.data.shard_index import IndexUnsupported, ShardIndex, ShardReader, load_or_build_index
 from rock_dist.data.sources import Shard, Source, is_remote, iter_shard, load_sources, stable_seed
 from rock_dist.data.transforms import EvalTransform, TrainTransform, decode_sample
 from rock_dist.errors import ConfigError, DataError
 
-Size = tuple[int, int]
-DataMode = Literal["auto", "indexed", "stream"]
 
 
 @dataclass(frozen=True)
@@ -332,36 +332,35 @@ class TrainStream:
     sample), `sources`.
     """
 
-    def __init__(self, sources: list[Source], *, image_size: Size, target_size: Size, batch_size: int,
-                 num_workers: int, seed: int, rank: int, world_size: int, force_crops: bool = False,
-                 no_crops: bool = False, start_sample: int = 0, shuffle_buffer: int = 256,
-                 color_jitter: Literal["device", "cpu", "none"] = "device", mode: DataMode = "auto",
-                 decode_device: DecodeDevice = "cpu") -> None:
-        _check_common(image_size, target_size, batch_size, num_workers, rank, world_size)
+    def __init__(self, sources: list[Source], spec: TrainLoaderSpec, *, start_sample: int = 0) -> None:
+        _check_common(spec.image_size, spec.target_size, spec.batch_size, spec.num_workers, spec.rank,
+                      spec.world_size)
         if start_sample < 0:
             raise ConfigError(f"start_sample {start_sample}: must be >= 0")
         _check_sources(sources)
+        self.spec = spec
         self.sources = sources
-        self.mode, indexes = _resolve_mode(sources, mode)
-        requested = default_num_workers(world_size) if num_workers == -1 else num_workers
+        self.mode, indexes = _resolve_mode(sources, spec.mode)
+        requested = default_num_workers(spec.world_size) if spec.num_workers == -1 else spec.num_workers
         self.num_workers = requested
         weights = [src.weight if src.weight is not None else float(src.num_samples) for src in sources]
         self.probs = [w / sum(weights) for w in weights]
         self.num_samples = sum(src.num_samples for src in sources)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.steps_per_epoch = max(1, self.num_samples // (batch_size * world_size))
+        self.batch_size = spec.batch_size
+        self.world_size = spec.world_size
+        self.rank = spec.rank
+        self.seed = spec.seed
+        self.shuffle_buffer = spec.shuffle_buffer
+        self.steps_per_epoch = max(1, self.num_samples // (spec.batch_size * spec.world_size))
         self._indexes = indexes
-        if decode_device == "cuda" and color_jitter == "cpu":
+        if spec.decode_device == "cuda" and spec.color_jitter == "cpu":
             raise ConfigError("--decode_device cuda with --color_jitter cpu: the workers have no pixels to jitter "
                               "when the GPU decodes; use --color_jitter device")
-        decode_on = resolve_decode_device(decode_device)
-        self._decoder = DeviceDecoder(decode_on, image_size) if decode_on is not None else None
-        self._transform = TrainTransform(image_size, target_size, force_crops=force_crops, no_crops=no_crops,
-                                         jitter=color_jitter, defer_decode=decode_on is not None)
+        decode_on = resolve_decode_device(spec.decode_device)
+        self._decoder = DeviceDecoder(decode_on, spec.image_size) if decode_on is not None else None
+        self._transform = TrainTransform(spec.image_size, spec.target_size, force_crops=spec.force_crops,
+                                         no_crops=spec.no_crops, jitter=spec.color_jitter,
+                                         defer_decode=decode_on is not None)
         self.start_sample = int(start_sample)
         self._loader: DataLoader | None = None
 
@@ -414,24 +413,11 @@ class TrainStream:
         return batches if self._decoder is None else map(self._decoder, batches)
 
 
-def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
-                      seed: int, rank: int, world_size: int, force_crops: bool = False, no_crops: bool = False,
-                      start_sample: int = 0, shuffle_buffer: int = 256,
-                      color_jitter: Literal["device", "cpu", "none"] = "device",
-                      mode: DataMode = "auto", decode_device: DecodeDevice = "cpu") -> TrainStream:
-    """The training stream for `sources` (a split directory, brace pattern, pipe: commands, or
-    ``SRC[:WEIGHT],...``). Raises DataError/ConfigError before any worker starts when the plan cannot work.
-
-    `start_sample`: global stream position to start at (samples all ranks consumed before; see the module
-    docstring). `mode`: "auto" (indexed for local shards, stream otherwise), "indexed" or "stream".
-    `color_jitter`: "device" (default) ships the jitter parameters as batch key `color_jitter` for `prepare_batch`
-    to apply on the training device; "cpu" applies it in the workers; "none" disables it.
-    `decode_device`: "cpu" (default: the workers decode) or "cuda" (JPEGs decoded batched on the GPU in this
-    process, `rock_dist.data.device_decode`; the CPU when there is no CUDA device)."""
-    return TrainStream(load_sources(sources), image_size=image_size, target_size=target_size, batch_size=batch_size,
-                       num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, force_crops=force_crops,
-                       no_crops=no_crops, start_sample=start_sample, shuffle_buffer=shuffle_buffer,
-                       color_jitter=color_jitter, mode=mode, decode_device=decode_device)
+def make_train_loader(spec: TrainLoaderSpec, *, start_sample: int = 0) -> TrainStream:
+    """The training stream of one rank per `spec` (data.loader_spec). Raises DataError/ConfigError before any worker
+    starts when the plan cannot work. `start_sample`: global stream position to start at (samples all ranks
+    consumed before; see the module docstring)."""
+    return TrainStream(load_sources(spec.source), spec, start_sample=start_sample)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -474,9 +460,10 @@ class _EvalDataset(IterableDataset):
 class EvalLoader:
     """Re-iterable evaluation batches for one rank; `num_samples` (this rank), `len()` = batches of this rank."""
 
-    def __init__(self, source: Source, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
-                 rank: int, world_size: int) -> None:
-        _check_common(image_size, target_size, batch_size, num_workers, rank, world_size)
+    def __init__(self, source: Source, spec: EvalLoaderSpec) -> None:
+        image_size, target_size, batch_size = spec.image_size, spec.target_size, spec.batch_size
+        rank, world_size = spec.rank, spec.world_size
+        _check_common(image_size, target_size, batch_size, spec.num_workers, rank, world_size)
         if not source.counts_known:
             raise DataError(f"source {source.spec!r}: no sample counts (manifest) for the evaluation split")
         self.source = source
@@ -491,7 +478,7 @@ class EvalLoader:
         else:
             # Fewer shards than ranks: every rank reads every shard and keeps one sample in R.
             mine, modulo = indexed, (world_size, rank)
-        requested = default_num_workers(world_size) if num_workers == -1 else num_workers
+        requested = default_num_workers(world_size) if spec.num_workers == -1 else spec.num_workers
         workers = min(requested, len(mine))
         per_worker = [mine[w::max(1, workers)] for w in range(max(1, workers))]
 
@@ -519,16 +506,14 @@ class EvalLoader:
         return _raise_failures(self._loader)
 
 
-def make_eval_loader(split_dir: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
-                     rank: int, world_size: int) -> EvalLoader:
-    """Deterministic evaluation batches of one split (a split directory or a single source string); every image
-    exactly once across ranks (docs/evaluation.md)."""
-    sources = load_sources(split_dir)
+def make_eval_loader(spec: EvalLoaderSpec) -> EvalLoader:
+    """Deterministic evaluation batches of one split per `spec` (data.loader_spec); every image exactly once across
+    ranks (docs/evaluation.md)."""
+    sources = load_sources(spec.source)
     if len(sources) != 1 or sources[0].weight is not None:
-        raise ConfigError(f"evaluation source {split_dir!r}: give exactly one split (no mixing, no weights)")
-    return EvalLoader(sources[0], image_size=image_size, target_size=target_size, batch_size=batch_size,
-                      num_workers=num_workers, rank=rank, world_size=world_size)
+        raise ConfigError(f"evaluation source {spec.source!r}: give exactly one split (no mixing, no weights)")
+    return EvalLoader(sources[0], spec)
 
 
 __all__ = ["TrainStream", "EvalLoader", "WorkerFailure", "make_train_loader", "make_eval_loader",
-           "default_num_workers", "DataMode"]
+           "default_num_workers", "DataMode", "TrainLoaderSpec", "EvalLoaderSpec"]

@@ -1,9 +1,10 @@
 """The fast path: the ONE place where rock_dist's speed-relevant training and inference choices are applied.
 
 A `Recipe` names every speed-relevant choice (precision, memory format, torch.compile, fused Adam, BatchNorm
-folding, where prior matching runs, batch size, loader). `training_recipe(runtime, device)` is what the trainer runs
-with; `inference_recipe()` what `evaluate` and `detect` run with; the benchmark's reference, fast and in-between
-recipes are defined in `rock_dist.perf.recipes` and applied by the same functions here.
+folding, where prior matching runs, batch size, loader). `training_recipe(plan)` is what the trainer runs with (from
+its `engine.run_plan.RunPlan`); `inference_recipe()` what `evaluate` and `detect` run with; the benchmark's
+reference, fast and in-between recipes are defined in `rock_dist.perf.recipes` and applied by the same functions
+here.
 
 Who calls what:
 - `engine.step.build_step_parts` (the trainer, the benchmark, the autotune and the batch-size probe) calls
@@ -29,6 +30,7 @@ from rock_dist.model.boxes import MatchResult, match_priors
 from rock_dist.model.losses import Matcher
 
 if TYPE_CHECKING:
+    from rock_dist.engine.run_plan import RunPlan
     from rock_dist.model.detector import ROCKDetector
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -36,9 +38,8 @@ LoaderKind = Literal["reference", "rock_dist"]
 
 # The reference's per-GPU batch (docs/training.md), every recipe's batch unless it says otherwise.
 REFERENCE_BATCH = 8
-# Accelerate's name of each recipe precision (its `mixed_precision` argument).
+# Accelerate's name of each precision (its `mixed_precision` argument): only where an Accelerator is built.
 _ACCELERATE_PRECISION: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-_RECIPE_PRECISION: dict[str, str] = {name: precision for precision, name in _ACCELERATE_PRECISION.items()}
 
 
 @dataclass(frozen=True)
@@ -75,20 +76,24 @@ class Recipe:
 
 def accelerate_precision(recipe: Recipe) -> str:
     """The recipe's precision as Accelerate's `mixed_precision` ("no", "bf16" or "fp16")."""
-    return _ACCELERATE_PRECISION[recipe.precision]
+    return accelerate_word(recipe.precision)
 
 
-def training_recipe(runtime: Any, device: torch.device | str, *, fold_bn: bool = False) -> Recipe:
-    """The recipe the trainer runs with, from its resolved `engine.runtime.Runtime` (mixed precision, channels_last
-    and compile were resolved there from the flags; 'auto' means on CUDA). Fused Adam and batched device matching
-    are on for every device (same update rule, measured faster on CUDA and CPU). Folding the frozen backbone BNs is
-    opt-in (`--fold_backbone_bn`): the forward pass is identical, but Adam and weight decay then act on the merged
-    convolution weights instead of the convolution and BN affine weights separately, so the run no longer follows
-    the reference recipe's optimisation exactly."""
-    device = torch.device(device)
-    precision: Any = _RECIPE_PRECISION.get(runtime.mixed_precision, "fp32")
-    return Recipe(name="train", precision=precision, channels_last=bool(runtime.channels_last),
-                  cudnn_benchmark=device.type == "cuda", compile=bool(runtime.compile),
+def accelerate_word(precision: Precision) -> str:
+    """A precision as Accelerate's `mixed_precision` argument ("fp32" is its "no")."""
+    return _ACCELERATE_PRECISION[precision]
+
+
+def training_recipe(plan: RunPlan, *, fold_bn: bool = False) -> Recipe:
+    """The recipe the trainer runs with, from its run plan (precision, channels_last and compile were resolved there
+    from the flags; 'auto' means on CUDA). Fused Adam and batched device matching are on for every device (same
+    update rule, measured faster on CUDA and CPU). Folding the frozen backbone BNs is opt-in (`--fold_backbone_bn`):
+    the forward pass is identical, but Adam and weight decay then act on the merged convolution weights instead of
+    the convolution and BN affine weights separately, so the run no longer follows the reference recipe's
+    optimisation exactly."""
+    device = plan.torch_device
+    return Recipe(name="train", precision=plan.precision, channels_last=plan.channels_last,
+                  cudnn_benchmark=device.type == "cuda", compile=plan.compile,
                   fused_adam=fused_adam_available(device), fold_bn=fold_bn, device_matching=True,
                   loader="rock_dist", num_workers=-1)
 
@@ -214,8 +219,8 @@ def apply_inference_recipe(model: ROCKDetector, recipe: Recipe, device: torch.de
 
 
 __all__ = [
-    "Precision", "LoaderKind", "Recipe", "REFERENCE_BATCH", "accelerate_precision", "training_recipe",
-    "inference_recipe", "prepare_model_for_training", "set_cudnn_benchmark", "fused_adam_available",
+    "Precision", "LoaderKind", "Recipe", "REFERENCE_BATCH", "accelerate_precision", "accelerate_word",
+    "training_recipe", "inference_recipe", "prepare_model_for_training", "set_cudnn_benchmark", "fused_adam_available",
     "make_optimizer", "maybe_compile", "autocast_for", "match_per_image_on_cpu", "recipe_matcher", "Applied",
     "apply_inference_recipe",
 ]

@@ -24,7 +24,7 @@ import dataclasses
 import gc
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -33,6 +33,9 @@ from rock_dist.engine.runtime import local_accelerator
 from rock_dist.engine.step import recipe_step_parts, train_step
 from rock_dist.engine.synthetic_batch import synthetic_batch
 from rock_dist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rock_dist.engine.run_plan import RunPlan
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -231,16 +234,17 @@ def _grad_scaler_kept(accelerator: Any) -> Iterator[None]:
             scaler.load_state_dict(saved)
 
 
-def auto_train_batch_size(model_config: Any, loss_config: Any, recipe: Any, accelerator: Any, *,
+def auto_train_batch_size(plan: RunPlan, loss_config: Any, recipe: Any, accelerator: Any, *,
                           headroom: float = 0.9, max_batch: int = 512) -> int:
-    """A per-process training batch for `--auto_batch_size`: the largest batch whose trainer step fits with the
-    trainer's recipe (`fast_path.training_recipe`) and Accelerator, times `headroom` (room for fragmentation and the
-    periodic evaluation), rounded down to an even number, at least 2. CUDA only (ConfigError elsewhere; the test
-    hook aside). Call it before the trainer prepares its model.
+    """A per-process training batch for `--auto_batch_size`: the largest batch of the run plan's model whose trainer
+    step fits with the trainer's recipe (`fast_path.training_recipe`) and Accelerator, times `headroom` (room for
+    fragmentation and the periodic evaluation), rounded down to an even number, at least 2. CUDA only (ConfigError
+    elsewhere; the test hook aside). Call it before the trainer prepares its model. The trainer puts the answer
+    into its run plan (`RunPlan.with_batch_size`); the flags are not rewritten.
 
     Under DDP every rank must use the same value: call it on every rank and take the minimum with an all-reduce.
     """
-    result = find_max_train_batch_size(model_config, loss_config, recipe, accelerator.device,
+    result = find_max_train_batch_size(plan.model, loss_config, recipe, accelerator.device,
                                        accelerator=accelerator, max_batch=max_batch)
     return max(2, int(result.batch_size * headroom) // 2 * 2)
 

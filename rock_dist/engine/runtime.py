@@ -1,67 +1,28 @@
-"""Process-level set-up for training: device choice, mixed precision, the Accelerator, seeding and RNG state.
+"""Process-level set-up: the Accelerator built from a run plan, seeding and RNG state.
 
-Called once by `rock_dist.engine.trainer.train` before anything is built (and `local_accelerator` by the benchmark
-and the autotune, through `engine.step.recipe_step_parts`). Everything that depends on the machine
-(CUDA present? bf16 supported? which launcher started us?) is decided here, so the training loop itself only ever
-sees resolved values.
+Called by `rock_dist.engine.trainer.Trainer` (`make_accelerator`), `rock_dist.evaluate` (`inference_accelerator`)
+and, through `engine.step.recipe_step_parts`, by the benchmark and the autotune (`local_accelerator`). What the
+machine allows (CUDA present? bf16 supported? which launcher started us?) is decided once, in
+`engine.run_plan.resolve_run_plan`; this module only applies the plan's resolved device and precision.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import random
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from rock_dist.config import TrainConfig
-from rock_dist.errors import ConfigError
+if TYPE_CHECKING:
+    from rock_dist.engine.run_plan import RunPlan
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Resolved machine-dependent settings (what 'auto' turned into)."""
-
-    cpu: bool
-    mixed_precision: str  # "no" | "fp16" | "bf16"
-    channels_last: bool
-    compile: bool
-
-
-def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    """Turn the 'auto' choices of `cfg` into concrete ones for this machine; ConfigError for impossible requests."""
-    has_cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and cfg.cpu:
-        raise ConfigError("--device cuda and --cpu contradict each other")
-    if cfg.device == "cuda" and not has_cuda:
-        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or --device auto)")
-    # 'auto' on a machine without CUDA must mean CPU explicitly: an Accelerator that is not told cpu=True under a
-    # `--multi_gpu` launch on such a machine silently starts N unrelated single processes (docs/training.md).
-    cpu = cfg.cpu or cfg.device == "cpu" or (cfg.device == "auto" and not has_cuda)
-    # The launcher may also force CPU (ACCELERATE_USE_CPU=1 from `accelerate launch --cpu` or our launch scripts).
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        cpu = True
-
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
-    if precision == "fp16" and cpu and not cpu_fp16_supported():
-        raise ConfigError(f"--mixed_precision fp16 on the CPU needs torch >= 2.3 (CPU GradScaler), this is "
-                          f"{torch.__version__}; use bf16 or no")
-
-    def on_cuda(choice: str) -> bool:
-        return choice == "yes" or (choice == "auto" and not cpu)
-
-    return Runtime(cpu=cpu, mixed_precision=precision, channels_last=on_cuda(cfg.channels_last),
-                   compile=on_cuda(cfg.compile))
-
-
-def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_parameters: bool,
+def make_accelerator(plan: RunPlan, *, dist_timeout: int, find_unused_parameters: bool,
                      log_with: list[Any] | None = None) -> Any:
-    """The Accelerator for training; `log_with`: its experiment trackers (`engine.trackers.log_with`).
+    """The Accelerator for training per the run plan (device, precision, accumulation); `dist_timeout`: seconds a
+    collective may wait; `log_with`: its experiment trackers (`engine.trackers.log_with`).
 
     No data loader and no scheduler are ever passed to `prepare` (docs/training.md): the WebDataset stream is split by
     rank in the pipeline, and the LR schedule counts global optimizer steps itself. Gradient accumulation uses
@@ -77,13 +38,21 @@ def make_accelerator(cfg: TrainConfig, runtime: Runtime, *, find_unused_paramete
         # parameter gets a gradient and DDP's per-step search for unused ones is not needed (docs/training.md).
         DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
         # A finite timeout turns a desynchronised rank into an error instead of an endless hang.
-        InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)),
+        InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout)),
     ]
     from rock_dist.engine import distributed
 
-    distributed.host_group_timeout_s = float(cfg.dist_timeout)
-    return _accelerator(cpu=runtime.cpu, mixed_precision=runtime.mixed_precision,
-                        accumulation_steps=cfg.gradient_accumulation_steps, handlers=handlers, log_with=log_with)
+    distributed.host_group_timeout_s = float(dist_timeout)
+    return _accelerator(cpu=plan.cpu, mixed_precision=plan.accelerate_precision,
+                        accumulation_steps=plan.accumulation_steps, handlers=handlers, log_with=log_with)
+
+
+def inference_accelerator(plan: RunPlan) -> Any:
+    """A plain Accelerator for evaluation per the run plan; the CPU is forced when the plan says so, so that a CPU
+    multi-process launch uses gloo (docs/training.md)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=plan.cpu, mixed_precision=plan.accelerate_precision)
 
 
 def local_accelerator(mixed_precision: str, *, cpu: bool, accumulation_steps: int = 1) -> Any:
@@ -160,5 +129,5 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
-__all__ = ["Runtime", "resolve_runtime", "make_accelerator", "local_accelerator", "cpu_fp16_supported",
+__all__ = ["make_accelerator", "inference_accelerator", "local_accelerator", "cpu_fp16_supported",
            "seed_everything", "capture_rng_state", "restore_rng_state"]

@@ -40,7 +40,6 @@ Test-only hooks (environment variables, unset in normal use):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,13 +59,14 @@ from rock_dist.engine.run_lock import RunLock
 from rock_dist.engine.supervision import ParentWatchdog, StopRequest, under_launcher
 from rock_dist.engine.lr_schedule import lr_factor
 from rock_dist.engine.distributed import (FAULT_ENV, any_rank, broadcast_buffers, broadcast_object,
-                                          check_world_size, gather_objects, host_all_reduce_sum, min_over_ranks,
+                                          gather_objects, host_all_reduce_sum, min_over_ranks,
                                           parse_fault_spec, state_digest)
 from rock_dist.engine import memory
 from rock_dist.engine.ema import ModelEma
 from rock_dist.engine.fast_path import prepare_model_for_training, training_recipe
-from rock_dist.engine.runtime import (Runtime, capture_rng_state, make_accelerator, resolve_runtime,
-                                      restore_rng_state, seed_everything)
+from rock_dist.engine.run_plan import (RunPlan, check_layout, eval_loader_spec, resolve_run_plan,
+                                       train_loader_spec)
+from rock_dist.engine.runtime import capture_rng_state, make_accelerator, restore_rng_state, seed_everything
 from rock_dist.engine.step import StepParts, build_step_parts, train_step
 from rock_dist.engine.normalization import reference_weights
 from rock_dist.engine.task_weighting import build_task_weighting
@@ -112,29 +112,6 @@ class TrainResult:
     task_weights: dict[str, float] | None = None  # the adaptive auxiliary weights after the last step
 
 
-def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
-    """Class names and scene types from the manifest(s) of the training source(s); all must agree.
-
-    `train_path` is a source string of `rock_dist.data.sources` (split directories, brace patterns, remote shards,
-    several as `SRC[:WEIGHT],...`). Sources without any manifest fall back to the fixed vocabularies of
-    `rock_dist.data.constants`.
-    """
-    from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
-    from rock_dist.data.sources import load_sources
-
-    found: list[tuple[str, list[str], list[str]]] = []
-    for source in load_sources(train_path):
-        if source.meta.get("class_names") and source.meta.get("scene_types"):
-            found.append((source.spec, list(source.meta["class_names"]), list(source.meta["scene_types"])))
-    if not found:
-        return list(CLASS_NAMES), list(SCENE_TYPES)
-    first = found[0]
-    for other in found[1:]:
-        if other[1:] != first[1:]:
-            raise DataError(f"--train_path: sources {other[0]} and {first[0]} have different class or scene lists")
-    return first[1], first[2]
-
-
 def _raise_every_rank(error: str | None, what: str) -> None:
     """Raise on every rank, once all know some rank failed, one DataError carrying every failing rank's message
     (collective: every rank calls it, `error` None on the ranks that did not fail)."""
@@ -174,31 +151,30 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         from rock_dist.model.builder import build_criterion, build_model
-        from rock_dist.model.priors import feature_map_sizes
 
-        self.cfg = cfg
-        self.runtime: Runtime = resolve_runtime(cfg)
+        self.cfg = cfg  # the flags as given: never rewritten (what 'auto' became is in self.plan)
+        # Device, precision, memory format, compile, the model against the shards' vocabulary, batch and layout:
+        # resolved once (engine.run_plan); --auto_batch_size adds its probe's answer below.
+        plan = resolve_run_plan(cfg)
         self.trackers_setup = tracker_setup(
             cfg.report_to, writer_path=run_output(cfg.writer_path, cfg.save_path, "tensorboard"),
             project=cfg.tracker_project, mlflow_tracking_uri=cfg.mlflow_tracking_uri, save_path=cfg.save_path)
         # Only the trained branches are built (builder), and the criterion uses every output whatever the batch,
         # so no parameter is ever without a gradient; DDP's unused-parameter search stays off (it costs a graph
         # traversal per step).
-        self.accelerator = make_accelerator(cfg, self.runtime, find_unused_parameters=False,
+        self.accelerator = make_accelerator(plan, dist_timeout=cfg.dist_timeout, find_unused_parameters=False,
                                             log_with=log_with(self.trackers_setup))
-        check_world_size(self.accelerator)
+        check_layout(plan, self.accelerator)
         acc = self.accelerator
-        self.rank = acc.process_index
-        self.world_size = acc.num_processes
+        self.rank = plan.rank
+        self.world_size = plan.world_size
         self.device = acc.device
         self.is_main = acc.is_main_process
         # Only the main process logs, so its packages decide; every rank stops with its message.
         self._on_main(self._check_tracker_packages, ConfigError)
 
-        self.class_names, self.scene_types = dataset_vocabulary(cfg.data.train_path)
-        self.model_config = dataclasses.replace(cfg.model, num_classes=len(self.class_names) + 1,
-                                                num_scenes=len(self.scene_types))
-        self.target_size = feature_map_sizes(cfg.model.image_size, cfg.model.backbone)[0]
+        self.class_names, self.scene_types = list(plan.class_names), list(plan.scene_types)
+        self.model_config = plan.model
         self.val_manifest = None
         self.val_path = resolve_val_path(cfg.data.val_path, cfg.data.train_path)
         if self.val_path:
@@ -221,12 +197,10 @@ class Trainer:
         if self.resume_data is not None:
             self._check_resume_compatible(self.resume_data, resume_path)
         # The fast path is defined once, in rock_dist.engine.fast_path and engine.step (the benchmark measures the
-        # same code): channels_last per the runtime, fused Adam, and with --fold_backbone_bn the frozen backbone BNs
+        # same code): channels_last per the plan, fused Adam, and with --fold_backbone_bn the frozen backbone BNs
         # folded into their convs (weights are saved unfolded by checkpoint.model_state).
-        self.recipe = training_recipe(self.runtime, self.device, fold_bn=cfg.fold_backbone_bn)
-        if cfg.auto_batch_size:
-            cfg = self.cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
-                                                                               batch_size=self._auto_batch_size()))
+        self.recipe = training_recipe(plan, fold_bn=cfg.fold_backbone_bn)
+        self.plan: RunPlan = self._auto_batch_size(plan) if cfg.auto_batch_size else plan
 
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
         seed_everything(cfg.seed)
@@ -259,17 +233,24 @@ class Trainer:
         self.record_dir = os.environ.get(RECORD_ENV) or None
         self.manager = ckpt.CheckpointManager(cfg.save_path, cfg.keep_checkpoints)
         self.before_optimizer_step: Callable[[torch.nn.Module], None] | None = None  # diagnostics / tests
-        self.global_batch = cfg.data.batch_size * cfg.gradient_accumulation_steps * self.world_size
         self._stream: Any = None
         self._iter: Iterator[Mapping[str, torch.Tensor]] | None = None
         self._eval_loader: Any = None
         self.stop_request: StopRequest | None = None  # set while fit() runs
-        self.loader_watch = LoaderWatch(samples_per_step=cfg.data.batch_size * cfg.gradient_accumulation_steps,
+        self.loader_watch = LoaderWatch(samples_per_step=self.plan.batch_size * self.plan.accumulation_steps,
                                         num_workers=cfg.data.num_workers)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.parts.model
+
+    @property
+    def target_size(self) -> tuple[int, int]:
+        return self.plan.target_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.plan.global_batch
 
     def _check_tracker_packages(self) -> None:
         problem = missing_package(self.trackers_setup.names)
@@ -304,21 +285,21 @@ class Trainer:
     def scheduler(self) -> Any:
         return self.parts.scheduler
 
-    def _auto_batch_size(self) -> int:
-        """`--auto_batch_size`: the checkpoint's batch when resuming (the data position stays exact), else the
-        largest batch whose training step fits on this GPU times 0.9 (engine.memory), minimised over the ranks so
-        that all agree."""
+    def _auto_batch_size(self, plan: RunPlan) -> RunPlan:
+        """`--auto_batch_size`: the plan with the checkpoint's batch when resuming (the data position stays exact),
+        else with the largest batch whose training step fits on this GPU times 0.9 (engine.memory), minimised over
+        the ranks so that all agree."""
         reason = memory.max_batch_not_applicable(self.device)
         if reason is not None:
             raise ConfigError(f"--auto_batch_size: {reason}")
         if self.resume_data is not None and self.resume_data.get("batch_size"):
-            return int(self.resume_data["batch_size"])
-        found = memory.auto_train_batch_size(self.model_config, self.cfg.loss, self.recipe, self.accelerator)
+            return plan.with_batch_size(int(self.resume_data["batch_size"]), "checkpoint")
+        found = memory.auto_train_batch_size(plan, self.cfg.loss, self.recipe, self.accelerator)
         agreed = min_over_ranks(found)
         if self.is_main:
             print(f"--auto_batch_size: {agreed} images per process (largest that fits x 0.9, minimum over "
                   f"{self.world_size} process(es))", flush=True)
-        return agreed
+        return plan.with_batch_size(agreed, "auto")
 
     # ------------------------------------------------------------------------------------------------ resuming
     def _check_resume_compatible(self, data: Mapping[str, Any], path: Path | None) -> None:
@@ -354,7 +335,7 @@ class Trainer:
                               f"run has {cfg.weighting.task_weighting}; use the same weighting to resume")
         if self.parts.weighting is not None:
             self.parts.weighting.load_state_dict(stored)
-        same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == cfg.data.batch_size)
+        same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == self.plan.batch_size)
         # The data position is global, so it carries over to another process count or batch size; whether the
         # stream can start exactly there depends on the data mode (see _resume_message).
         self.state = TrainState(step=step, samples_seen=ckpt.samples_seen_of(data),
@@ -396,13 +377,8 @@ class Trainer:
         """
         from rock_dist.data.pipeline import make_train_loader
 
-        cfg = self.cfg
-        self._stream = make_train_loader(
-            cfg.data.train_path, image_size=cfg.model.image_size, target_size=self.target_size,
-            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
-            world_size=self.world_size, force_crops=cfg.data.force_crops, no_crops=cfg.data.no_crops,
-            start_sample=self.state.samples_seen, shuffle_buffer=cfg.data.shuffle_buffer,
-            color_jitter=cfg.data.color_jitter, mode=cfg.data.data_mode, decode_device=cfg.data.decode_device)
+        self._stream = make_train_loader(train_loader_spec(self.plan, self.cfg.data, self.cfg.seed),
+                                         start_sample=self.state.samples_seen)
         self.loader_watch.num_workers = self._stream.num_workers
         self._iter = iter(self._stream)
 
@@ -412,10 +388,10 @@ class Trainer:
         where = (f"resumed from step {st.step}; data: global sample {st.samples_seen} "
                  f"(epoch {st.samples_seen / stream.num_samples:.2f}, {stream.mode} mode)")
         old_world, old_batch = self._resumed_layout
-        if (old_world, old_batch) == (self.world_size, self.cfg.data.batch_size):
+        if (old_world, old_batch) == (self.world_size, self.plan.batch_size):
             return f"{where}; exact continuation"
         change = (f"checkpoint had {old_world} process(es) x batch {old_batch}, this run {self.world_size} x "
-                  f"{self.cfg.data.batch_size}")
+                  f"{self.plan.batch_size}")
         if stream.exact_resume:
             return f"{where}; {change}: the data continues exactly (no sample repeated or skipped), other RNG " \
                    "streams are re-seeded"
@@ -437,7 +413,7 @@ class Trainer:
             raise DataError(f"rank {self.rank}: the training stream {self.cfg.data.train_path} ended; it should be "
                             "endless") from None
         self.loader_watch.waited(time.perf_counter() - start)
-        self.state.samples_seen += self.cfg.data.batch_size * self.world_size
+        self.state.samples_seen += self.plan.batch_size * self.world_size
         return batch
 
     def _open_stream_checked(self) -> Mapping[str, torch.Tensor]:
@@ -544,10 +520,12 @@ class Trainer:
                                                            iterations=self.state.step))
 
     def _hparams(self) -> dict[str, Any]:
-        """The run's hyper-parameters for the trackers: every flag as resolved (after --auto_batch_size), and what
-        the machine made of the 'auto' ones."""
-        return {**flat_hparams(to_dict(self.cfg)), "run/world_size": self.world_size,
-                "run/global_batch_size": self.global_batch, "run/precision": self.runtime.mixed_precision}
+        """The run's hyper-parameters for the trackers: every flag as given, and what the run plan made of them (the
+        'auto' ones and the --auto_batch_size probe)."""
+        plan = self.plan
+        return {**flat_hparams(to_dict(self.cfg)), "run/world_size": self.world_size, "run/batch_size": plan.batch_size,
+                "run/global_batch_size": plan.global_batch, "run/precision": plan.precision,
+                "run/channels_last": plan.channels_last, "run/compile": plan.compile}
 
     def _announce(self, console: TrainConsole) -> None:
         cfg = self.cfg
@@ -557,9 +535,9 @@ class Trainer:
                 console.always(note)
         console.print(
             f"rock_dist train: {self.world_size} process(es) ({acc.distributed_type.value}, {self.device}), "
-            f"global batch {self.global_batch} = {cfg.data.batch_size} x {cfg.gradient_accumulation_steps} "
-            f"accumulation x {self.world_size}, precision {self.runtime.mixed_precision}, channels_last "
-            f"{self.runtime.channels_last}, compile {self.runtime.compile}, model {cfg.model.backbone} "
+            f"global batch {self.global_batch} = {self.plan.batch_size} x {self.plan.accumulation_steps} "
+            f"accumulation x {self.world_size}, precision {self.plan.precision}, channels_last "
+            f"{self.plan.channels_last}, compile {self.plan.compile}, model {cfg.model.backbone} "
             f"{'SSD' if cfg.model.no_rock else 'ROCK ' + '+'.join(self.model_config.tasks)} "
             f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}, {cfg.num_iters} iterations")
 
@@ -579,9 +557,9 @@ class Trainer:
         smooth_dt: float | None = None
         while st.step < cfg.num_iters:
             micro, error = pending, None
-            position_at_step = st.samples_seen - len(pending) * cfg.data.batch_size * self.world_size
+            position_at_step = st.samples_seen - len(pending) * self.plan.batch_size * self.world_size
             try:
-                micro = pending + [self._next_batch() for _ in range(cfg.gradient_accumulation_steps - len(pending))]
+                micro = pending + [self._next_batch() for _ in range(self.plan.accumulation_steps - len(pending))]
             except (RockError, OSError, ValueError, RuntimeError) as err:
                 # A corrupt shard, an unreadable file, a loader worker killed (RuntimeError from the DataLoader):
                 # agreed on below, so the other ranks stop with this message instead of waiting in a collective.
@@ -707,7 +685,7 @@ class Trainer:
     def _log_pictures(self, trackers: RunTrackers, batch: Mapping[str, torch.Tensor]) -> None:
         from rock_dist.data.batch import prepare_batch
 
-        prepared = prepare_batch(batch, self.device, channels_last=self.runtime.channels_last)
+        prepared = prepare_batch(batch, self.device, channels_last=self.plan.channels_last)
         pictures = prediction_pictures(ckpt.unwrap_detector(self.model), batch["images"], prepared["images"], prepared,
                                        class_names=self.class_names, scene_types=self.scene_types,
                                        loss_config=self.cfg.loss, autocast=self.accelerator.autocast)
@@ -741,10 +719,7 @@ class Trainer:
         cfg = self.cfg
         broadcast_buffers(ckpt.unwrap(model))  # every rank evaluates the same network
         if self._eval_loader is None:  # re-iterable, with persistent workers: build it once per run
-            self._eval_loader = make_eval_loader(
-                self.val_path, image_size=cfg.model.image_size, target_size=self.target_size,
-                batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, rank=self.rank,
-                world_size=self.world_size)
+            self._eval_loader = make_eval_loader(eval_loader_spec(self.plan, self.val_path, cfg.data.num_workers))
         loader = self._eval_loader
         coco_dir = run_output(cfg.coco_json_save_path, cfg.save_path, "coco")
         suffix = name[len("val"):]
@@ -790,8 +765,8 @@ class Trainer:
             scene_types=self.scene_types, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=getattr(self.accelerator, "scaler", None), step=st.step, samples_seen=st.samples_seen,
             data_mode=getattr(self._stream, "mode", self.cfg.data.data_mode), world_size=self.world_size,
-            batch_size=self.cfg.data.batch_size,
-            gradient_accumulation_steps=self.cfg.gradient_accumulation_steps, rng_states=rng_states,
+            batch_size=self.plan.batch_size, gradient_accumulation_steps=self.plan.accumulation_steps,
+            rng_states=rng_states,
             train_config=to_dict(self.cfg), best_metric=st.best_metric, best_step=st.best_step,
             task_weighting=self.parts.weighting.state_dict() if self.parts.weighting is not None else None,
             evals_since_best=st.evals_since_best, ema=self.ema.module if self.ema is not None else None,
@@ -826,7 +801,7 @@ class Trainer:
         acc = self.accelerator
         atomic_write_json(Path(record_dir) / f"rank{self.rank}.json", {
             "rank": self.rank, "world_size": self.world_size, "distributed_type": str(acc.distributed_type.value),
-            "device": str(self.device), "mixed_precision": self.runtime.mixed_precision,
+            "device": str(self.device), "precision": self.plan.precision,
             "local_process_index": acc.local_process_index, "step": result.step, "losses": result.losses,
             "lrs": result.lrs, "image_ids": record_ids, "digest": result.digest, "task_weights": result.task_weights,
             "ema_digest": result.ema_digest, "early_stopped": result.early_stopped,
@@ -839,4 +814,4 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).fit()
 
 
-__all__ = ["TrainState", "TrainResult", "Trainer", "train", "dataset_vocabulary", "RECORD_ENV", "BN_EVAL_ENV"]
+__all__ = ["TrainState", "TrainResult", "Trainer", "train", "RECORD_ENV", "BN_EVAL_ENV"]

@@ -56,6 +56,7 @@ from rock_dist.cli import run_cli
 from rock_dist.config import DataBenchConfig, parse_config
 from rock_dist.data.batch import collate, prepare_batch
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
+from rock_dist.data.loader_spec import TrainLoaderSpec
 from rock_dist.data.pipeline import make_train_loader
 from rock_dist.data.sources import iter_shard, load_sources
 from rock_dist.data.transforms import (BRIGHTNESS, CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, SATURATION,
@@ -77,8 +78,8 @@ def _target_size(image_size: Size, backbone: str) -> Size:
 def _ours_batches(sources: str, image_size: Size, target: Size, batch_size: int, seed: int,
                   jitter: Literal["device", "cpu", "none"]) -> Iterator[Any]:
     """Endless batches from the worker code path, run in this process."""
-    stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
-                               num_workers=0, seed=seed, rank=0, world_size=1, color_jitter=jitter)
+    stream = make_train_loader(TrainLoaderSpec(sources, image_size=image_size, target_size=target,
+                                               batch_size=batch_size, num_workers=0, seed=seed, color_jitter=jitter))
     return iter(stream)
 
 
@@ -102,8 +103,8 @@ def _time_ours_stages(raws: list[dict[str, Any]], image_size: Size, target: Size
 
 def _time_loader(sources: str, n: int, image_size: Size, target: Size, batch_size: int, seed: int,
                  workers: int) -> dict[str, Any]:
-    stream = make_train_loader(sources, image_size=image_size, target_size=target, batch_size=batch_size,
-                               num_workers=workers, seed=seed, rank=0, world_size=1)
+    stream = make_train_loader(TrainLoaderSpec(sources, image_size=image_size, target_size=target,
+                                               batch_size=batch_size, num_workers=workers, seed=seed))
     it = iter(stream)
     rate = _rate(it, stream.num_workers, n, batch_size)
     return {"workers": stream.num_workers, "samples_per_s": rate, "samples_per_s_per_worker": rate / stream.num_workers}
@@ -130,8 +131,8 @@ def run_scaling(raws: list[dict[str, Any]], work: Path, *, image_size: Size, tar
     for shards in shard_counts:
         spec = _split_copy(raws, work / f"scaling-{shards}", shards)
         for w in workers:
-            stream = make_train_loader(spec, image_size=image_size, target_size=target, batch_size=batch_size,
-                                       num_workers=w, seed=seed, rank=0, world_size=1)
+            stream = make_train_loader(TrainLoaderSpec(spec, image_size=image_size, target_size=target,
+                                                       batch_size=batch_size, num_workers=w, seed=seed))
             rate = _rate(iter(stream), w, num_samples, batch_size)
             rows.append({"shards": len(stream.sources[0].shards), "workers": w, "mode": stream.mode,
                          "samples_per_s": rate, "samples_per_s_per_worker": rate / w})

@@ -118,6 +118,7 @@ def bench_eval(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
     import time
 
     from rock_dist.data.manifest import load_manifest
+    from rock_dist.data.loader_spec import EvalLoaderSpec
     from rock_dist.data.pipeline import make_eval_loader
     from rock_dist.engine.evaluation import evaluate
     from rock_dist.model.priors import feature_map_sizes
@@ -132,8 +133,8 @@ def bench_eval(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, d
         reset_peak_memory(device)
         applied = build_inference(cfg, recipe, device, seed=seed, nms_load=nms_load)
         workers = max(0, recipe.num_workers) if recipe.loader == "reference" else -1
-        loader = make_eval_loader(test_dir, image_size=tuple(cfg.image_size), target_size=target,
-                                  batch_size=recipe.batch_size, num_workers=workers, rank=0, world_size=1)
+        loader = make_eval_loader(EvalLoaderSpec(test_dir, image_size=tuple(cfg.image_size), target_size=target,
+                                                 batch_size=recipe.batch_size, num_workers=workers))
         times, metrics = [], {}
         for i in range(max(1, repeats) + 1):
             start = time.perf_counter()

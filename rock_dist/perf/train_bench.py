@@ -41,12 +41,13 @@ Batch = Mapping[str, Any]
 def shard_batch(train_dir: str, batch_size: int, model_config: Any, *, seed: int = 0) -> dict[str, Any]:
     """The first training batch of our pipeline on `train_dir` (real decoded + augmented samples, exactly the
     format the trainer sees, including whatever per-batch keys the pipeline adds)."""
+    from rock_dist.data.loader_spec import TrainLoaderSpec
     from rock_dist.data.pipeline import make_train_loader
     from rock_dist.model.priors import feature_map_sizes
 
     target = feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0]
-    stream = make_train_loader(train_dir, image_size=tuple(model_config.image_size), target_size=target,
-                               batch_size=batch_size, num_workers=0, seed=seed, rank=0, world_size=1)
+    stream = make_train_loader(TrainLoaderSpec(train_dir, image_size=tuple(model_config.image_size),
+                                               target_size=target, batch_size=batch_size, num_workers=0, seed=seed))
     return dict(next(iter(stream)))
 
 
@@ -201,6 +202,7 @@ def bench_e2e(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, de
 
 def _e2e_row(recipe: Recipe, model_config: Any, loss_config: Any, device: torch.device, *, train_dir: str,
              work_dir: Path, seed: int, warmup: int, repeats: int, iters: int) -> dict[str, Any]:
+    from rock_dist.data.loader_spec import TrainLoaderSpec
     from rock_dist.data.pipeline import make_train_loader
     from rock_dist.model.priors import feature_map_sizes
 
@@ -213,9 +215,9 @@ def _e2e_row(recipe: Recipe, model_config: Any, loss_config: Any, device: torch.
         workers = max(0, recipe.num_workers)
     else:
         target = feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0]
-        loader = make_train_loader(train_dir, image_size=tuple(model_config.image_size), target_size=target,
-                                   batch_size=recipe.batch_size, num_workers=recipe.num_workers, seed=seed,
-                                   rank=0, world_size=1)
+        loader = make_train_loader(TrainLoaderSpec(train_dir, image_size=tuple(model_config.image_size),
+                                                   target_size=target, batch_size=recipe.batch_size,
+                                                   num_workers=recipe.num_workers, seed=seed))
         workers = loader.num_workers
     batches = iter(loader)
     timing = measure(lambda: step(next(batches)), device, warmup=warmup, repeats=repeats, iters=iters)
