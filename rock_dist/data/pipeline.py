@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rock_dist.data.batch import collate
+from rock_dist.data.device_augment import AugmentOn, BatchAugment, Placement, resolve_augment_on
 from rock_dist.data.device_decode import DecodeDevice, DeviceDecoder, resolve_decode_device
 from rock_dist.data.epoch_plan import EpochPlan, ShardMap, rank_position
 from rock_dist.data.shard_index import IndexUnsupported, ShardIndex, ShardReader, load_or_build_index
@@ -336,7 +337,7 @@ class TrainStream:
                  num_workers: int, seed: int, rank: int, world_size: int, force_crops: bool = False,
                  no_crops: bool = False, start_sample: int = 0, shuffle_buffer: int = 256,
                  color_jitter: Literal["device", "cpu", "none"] = "device", mode: DataMode = "auto",
-                 decode_device: DecodeDevice = "cpu") -> None:
+                 decode_device: DecodeDevice = "cpu", augment_on: AugmentOn | Placement = "auto") -> None:
         _check_common(image_size, target_size, batch_size, num_workers, rank, world_size)
         if start_sample < 0:
             raise ConfigError(f"start_sample {start_sample}: must be >= 0")
@@ -358,10 +359,13 @@ class TrainStream:
         if decode_device == "cuda" and color_jitter == "cpu":
             raise ConfigError("--decode_device cuda with --color_jitter cpu: the workers have no pixels to jitter "
                               "when the GPU decodes; use --color_jitter device")
+        self.augment = resolve_augment_on(augment_on, color_jitter=color_jitter, decode_device=decode_device)
         decode_on = resolve_decode_device(decode_device)
         self._decoder = DeviceDecoder(decode_on, image_size) if decode_on is not None else None
         self._transform = TrainTransform(image_size, target_size, force_crops=force_crops, no_crops=no_crops,
-                                         jitter=color_jitter, defer_decode=decode_on is not None)
+                                         jitter=color_jitter, defer_decode=decode_on is not None,
+                                         defer_augment=self.augment.where == "device")
+        self._augment = BatchAugment(self.augment.device, image_size, target_size)
         self.start_sample = int(start_sample)
         self._loader: DataLoader | None = None
 
@@ -407,31 +411,44 @@ class TrainStream:
                 start_batch=self.start_sample // per_step, transform=self._transform))
         return DataLoader(dataset, **_loader_kwargs(self.num_workers, persistent=True))
 
-    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+    def worker_batches(self) -> Iterator[Mapping[str, Any]]:
+        """The batches as the workers ship them, before the training process's steps (GPU decoding, the batched
+        augmentation step): what the data benchmark times as worker cost."""
         if self._loader is None:
             self._loader = self._make_loader()
-        batches = _raise_failures(self._loader)
-        return batches if self._decoder is None else map(self._decoder, batches)
+        return _raise_failures(self._loader)
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        batches = self.worker_batches()
+        if self._decoder is not None:
+            batches = map(self._decoder, batches)
+        return map(self._augment, batches)
 
 
 def make_train_loader(sources: str, *, image_size: Size, target_size: Size, batch_size: int, num_workers: int,
                       seed: int, rank: int, world_size: int, force_crops: bool = False, no_crops: bool = False,
                       start_sample: int = 0, shuffle_buffer: int = 256,
                       color_jitter: Literal["device", "cpu", "none"] = "device",
-                      mode: DataMode = "auto", decode_device: DecodeDevice = "cpu") -> TrainStream:
+                      mode: DataMode = "auto", decode_device: DecodeDevice = "cpu",
+                      augment_on: AugmentOn | Placement = "auto") -> TrainStream:
     """The training stream for `sources` (a split directory, brace pattern, pipe: commands, or
     ``SRC[:WEIGHT],...``). Raises DataError/ConfigError before any worker starts when the plan cannot work.
 
     `start_sample`: global stream position to start at (samples all ranks consumed before; see the module
     docstring). `mode`: "auto" (indexed for local shards, stream otherwise), "indexed" or "stream".
-    `color_jitter`: "device" (default) ships the jitter parameters as batch key `color_jitter` for `prepare_batch`
-    to apply on the training device; "cpu" applies it in the workers; "none" disables it.
+    `color_jitter`: "device" (default) draws the jitter parameters in the workers and applies them in the batched
+    augmentation step on the training device (`rock_dist.data.device_augment`); "cpu" applies it in the workers;
+    "none" disables it.
     `decode_device`: "cpu" (default: the workers decode) or "cuda" (JPEGs decoded batched on the GPU in this
-    process, `rock_dist.data.device_decode`; the CPU when there is no CUDA device)."""
+    process, `rock_dist.data.device_decode`; the CPU when there is no CUDA device).
+    `augment_on`: where crop, flip, resize and the targets are computed, "workers", "device" or "auto"
+    (`device_augment.resolve_augment_on`, on the current CUDA device or the CPU), or a `device_augment.Placement`
+    that names the training device. Every batch the stream yields has been through `device_augment.BatchAugment`:
+    augmented, images uint8 on the training device when it did work there, ready for `prepare_batch`."""
     return TrainStream(load_sources(sources), image_size=image_size, target_size=target_size, batch_size=batch_size,
                        num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, force_crops=force_crops,
                        no_crops=no_crops, start_sample=start_sample, shuffle_buffer=shuffle_buffer,
-                       color_jitter=color_jitter, mode=mode, decode_device=decode_device)
+                       color_jitter=color_jitter, mode=mode, decode_device=decode_device, augment_on=augment_on)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -394,15 +394,19 @@ class Trainer:
         the data position is the stream's global position: the samples all ranks have taken together
         (docs/data_pipeline.md: an exact continuation in indexed mode for any layout).
         """
+        from rock_dist.data.device_augment import resolve_augment_on
         from rock_dist.data.pipeline import make_train_loader
 
         cfg = self.cfg
+        augment_on = resolve_augment_on(cfg.data.augment_on, self.device, color_jitter=cfg.data.color_jitter,
+                                        decode_device=cfg.data.decode_device)
         self._stream = make_train_loader(
             cfg.data.train_path, image_size=cfg.model.image_size, target_size=self.target_size,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, force_crops=cfg.data.force_crops, no_crops=cfg.data.no_crops,
             start_sample=self.state.samples_seen, shuffle_buffer=cfg.data.shuffle_buffer,
-            color_jitter=cfg.data.color_jitter, mode=cfg.data.data_mode, decode_device=cfg.data.decode_device)
+            color_jitter=cfg.data.color_jitter, mode=cfg.data.data_mode, decode_device=cfg.data.decode_device,
+            augment_on=augment_on)
         self.loader_watch.num_workers = self._stream.num_workers
         self._iter = iter(self._stream)
 
