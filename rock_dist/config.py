@@ -115,7 +115,12 @@ class DataConfig:
                            "with the list of problems. Without it, damage is found when a sample is read.", False)
     color_jitter: Literal["device", "cpu", "none"] = opt(
         "Where the training colour jitter runs: 'device' (parameters drawn by the loader workers, applied batched "
-        "by prepare_batch on the training device), 'cpu' (in the workers) or 'none'.", "device")
+        "on the training device by the augmentation step), 'cpu' (in the workers) or 'none'.", "device")
+    augment_on: Literal["auto", "workers", "device"] = opt(
+        "Where the training crop, flip, resize and auxiliary targets are computed: 'workers' (per sample in the "
+        "loader workers), 'device' (the workers only decode and draw the random parameters; one batched step on "
+        "the training device does the rest, same distribution) or 'auto' (device on CUDA, workers on a CPU, where "
+        "the training process shares the workers' cores). See docs/augmentation.md.", "auto")
     decode_device: Literal["cpu", "cuda"] = opt(
         "Where the training JPEGs are decoded: 'cpu' (in the loader workers) or 'cuda' (batched with nvJPEG on the "
         "GPU in the main process, for loader-bound runs with few CPU cores per GPU; falls back to the CPU with a "
@@ -527,6 +532,11 @@ def validate(config: Any) -> None:
     data = getattr(config, "data", None)
     if isinstance(data, DataConfig) and data.force_crops and data.no_crops:
         raise ValueError("--force_crops and --no_crops contradict each other")
+    if isinstance(data, DataConfig) and data.augment_on == "device" and data.color_jitter == "cpu":
+        raise ValueError("--augment_on device with --color_jitter cpu: the workers have no resized pixels to jitter")
+    if isinstance(data, DataConfig) and data.augment_on == "device" and data.decode_device == "cuda":
+        raise ValueError("--augment_on device with --decode_device cuda: the GPU decoder already crops, flips and "
+                         "resizes the images; use --augment_on workers or auto")
     if isinstance(data, DataConfig) and data.batch_size < 2:
         raise ValueError(f"--batch_size {data.batch_size}: training needs at least 2 images per process "
                          "(BatchNorm on the 1x1 feature map fails with one)")

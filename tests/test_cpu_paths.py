@@ -31,6 +31,7 @@ import torch
 
 import rock_dist
 from rock_dist.config import LossConfig, ModelConfig, TrainConfig, parse_config
+from rock_dist.data.device_augment import BatchAugment
 from rock_dist.data.transforms import draw_jitter_params
 from rock_dist.engine import checkpoint as ckpt
 from rock_dist.engine import memory
@@ -254,13 +255,16 @@ def test_train_step_reads_the_device_once_per_step(variant: str, monkeypatch: py
         parts.clip_grad_norm = 1.0
     if "jitter" in variant:
         batch["color_jitter"] = torch.stack([draw_jitter_params(random.Random(i)) for i in range(2)])
+    # The training stream's augmentation step (here it only applies the jitter; a batch without any passes through)
+    # runs before each step: recorded with it, its reads must be host data too.
+    augment = BatchAugment("cpu", TINY.image_size, (1, 1))
     if variant.startswith("gradnorm"):
         parts.weighting = build_task_weighting("gradnorm", TINY.tasks, {"scene": 3.0, "depth": 3.0, "normals": 30.0})
-    train_step(parts, [batch] * k, step=1)  # first step outside: lazy initialisation is not the steady state
+    train_step(parts, [augment(batch)] * k, step=1)  # first step outside: lazy initialisation is not the steady state
     steps = 3
     with _recorded_host_reads(monkeypatch) as reads:
         for step in range(steps):
-            values = train_step(parts, [batch] * k, step=step + 2)
+            values = train_step(parts, [augment(batch)] * k, step=step + 2)
     in_step = {key: n for key, n in reads.items() if key[0] == "engine/step.py"}
     assert in_step == {("engine/step.py", "train_step", "tolist"): steps}, in_step
     others = {key[:2] for key in reads if key[0] != "engine/step.py"}

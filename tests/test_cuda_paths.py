@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rock_dist.config import LossConfig, ModelConfig, TrainConfig, parse_config
+from rock_dist.data.device_augment import BatchAugment
 from rock_dist.data.transforms import apply_color_jitter, draw_jitter_params
 from rock_dist.engine import checkpoint as ckpt
 from rock_dist.engine import memory
@@ -43,11 +44,13 @@ def no_test_hooks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _pinned_batch(b: int, *, jitter: bool = True) -> dict[str, torch.Tensor]:
-    """A synthetic CPU batch in pinned memory, as the loaders deliver it on CUDA machines."""
+    """A synthetic CPU batch in pinned memory, as the loader workers deliver it on CUDA machines, then through the
+    training stream's augmentation step (with `jitter`: the colour jitter applied on the GPU)."""
     batch = synthetic_batch(b, MODEL)
     if jitter:
         batch["color_jitter"] = torch.stack([draw_jitter_params(random.Random(i)) for i in range(b)])
-    return {k: v.pin_memory() for k, v in batch.items()}
+    pinned = {k: v.pin_memory() for k, v in batch.items()}
+    return dict(BatchAugment(torch.device("cuda"), MODEL.image_size, (1, 1))(pinned))
 
 
 def test_compiled_fast_step_trains_with_no_graph_breaks() -> None:

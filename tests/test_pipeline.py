@@ -322,10 +322,12 @@ def test_bad_manifest_and_missing_split(tmp_path: Path, shard_dir: Path) -> None
 
 
 def test_prepare_batch_normalises_on_device(shard_dir: Path) -> None:
-    batch = _take(_train(shard_dir / "train"), 1)[0]
-    assert batch["color_jitter"].shape == (2, 8)  # deferred to the device by default
-    jittered = prepare_batch(batch, "cpu")
-    batch.pop("color_jitter")
+    stream = _train(shard_dir / "train")
+    raw = next(stream.worker_batches())
+    assert raw["color_jitter"].shape == (2, 8)  # drawn by the workers, applied by the stream's augmentation step
+    jittered = prepare_batch(_take(stream, 1)[0], "cpu")
+    batch = _take(_train(shard_dir / "train", color_jitter="none"), 1)[0]
+    assert "color_jitter" not in batch
     out = prepare_batch(batch, "cpu", channels_last=True)
     assert not torch.allclose(jittered["images"], out["images"])
     assert out["images"].dtype == torch.float32

@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from rock_dist.data.batch import collate, prepare_batch
+from rock_dist.data.device_augment import BatchAugment
 from rock_dist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodedSample, EvalTransform, Geometry,
                                        TrainTransform, adjust_hue, apply_color_jitter, color_jitter, decode_sample,
                                        sample_ssd_crop)
@@ -218,11 +219,15 @@ def test_deferred_jitter_equals_worker_jitter() -> None:
         assert "color_jitter" not in w and d["color_jitter"].shape == (8,)
         assert not torch.equal(w["image"], p["image"])
         assert (apply_color_jitter(d["image"], d["color_jitter"]).int() - w["image"].int()).abs().max() <= 1
-    # Batched on the "device" (here the CPU) inside prepare_batch: same pixels, then normalised.
+    # Batched on the "device" (here the CPU) by the augmentation step, then normalised by prepare_batch (which
+    # refuses a batch whose jitter is still pending): same pixels.
     batch = collate(deferred)
     assert batch["color_jitter"].shape == (3, 8)
-    out = prepare_batch(batch, "cpu")
-    assert "color_jitter" not in out
+    with pytest.raises(ValueError, match="color_jitter"):
+        prepare_batch(batch, "cpu")
+    augmented = BatchAugment("cpu", OUT, TARGET)(batch)
+    assert "color_jitter" not in augmented and augmented["images"].dtype == torch.uint8
+    out = prepare_batch(augmented, "cpu")
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     pixels = out["images"] * std + mean

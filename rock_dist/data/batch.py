@@ -13,21 +13,48 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from rock_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_color_jitter
+from rock_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-def _stack_shared(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, writing straight into shared memory when running in a DataLoader worker.
 
-    A worker's batch is moved to shared memory when it is sent to the main process; stacking into shared memory
-    in the first place (as torch's default_collate does) saves that second copy of the largest tensor.
+def _empty_like_batch(first: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised tensor of `first`'s dtype, in shared memory when running in a DataLoader worker.
+
+    A worker's batch is moved to shared memory when it is sent to the main process; writing it into shared memory
+    in the first place (as torch's default_collate does) saves that second copy of the largest tensors.
     """
     if get_worker_info() is None:
+        return first.new_empty(tuple(shape))
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    storage = first.untyped_storage()._new_shared(numel * first.element_size(), device=first.device)
+    return first.new(storage).resize_(*shape)
+
+
+def _stack_shared(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, writing straight into shared memory in a DataLoader worker (`_empty_like_batch`)."""
+    if get_worker_info() is None:
         return torch.stack(list(tensors))
-    first = tensors[0]
-    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size(),
-                                                  device=first.device)
-    out = first.new(storage).resize_(len(tensors), *first.shape)
-    return torch.stack(list(tensors), out=out)
+    return torch.stack(list(tensors), out=_empty_like_batch(tensors[0], (len(tensors), *tensors[0].shape)))
+
+
+def _pad_stack(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """C x H_i x W_i tensors (None: absent, all zeros) stacked into B x C x max H x max W, zero-padded at the bottom
+    and right; None when every entry is None. Images of different sizes share one batch this way (the device
+    augmentation reads each one's own size from `orig_size`)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    first = present[0]
+    H = max(int(t.shape[1]) for t in present)
+    W = max(int(t.shape[2]) for t in present)
+    if len(present) == len(tensors) and all(tuple(t.shape[1:]) == (H, W) for t in present):
+        return _stack_shared(present)
+    out = _empty_like_batch(first, (len(tensors), first.shape[0], H, W)).zero_()
+    for i, t in enumerate(tensors):
+        if t is not None:
+            out[i, :, :t.shape[1], :t.shape[2]] = t
+    return out
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -61,19 +88,31 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "has_scene": torch.tensor([bool(s["has_scene"]) for s in samples], dtype=torch.bool),
         "has_depth": torch.tensor([bool(s["has_depth"]) for s in samples], dtype=torch.bool),
         "has_normals": torch.tensor([bool(s["has_normals"]) for s in samples], dtype=torch.bool),
-        "depth": torch.stack([s["depth"] for s in samples]),
-        "normals": torch.stack([s["normals"] for s in samples]),
-        "normals_mask": torch.stack([s["normals_mask"] for s in samples]),
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
         "orig_size": torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.int64),
     }
+    if "augment_geometry" in samples[0]:
+        # Augmentation deferred to the training device (rock_dist.data.device_augment): the decoded sample, padded,
+        # with its crop / flip and the crop's kept-box mask.
+        keep = torch.zeros(B, M, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            keep[i, :int(s["box_keep"].shape[0])] = s["box_keep"]
+        out.update(augment_geometry=torch.stack([s["augment_geometry"] for s in samples]), box_keep=keep)
+        for key in ("raw_image", "raw_depth", "raw_normals", "raw_mask"):
+            padded = _pad_stack([s[key] for s in samples])
+            if padded is not None:
+                out[key] = padded
+    else:
+        out.update(depth=torch.stack([s["depth"] for s in samples]),
+                   normals=torch.stack([s["normals"] for s in samples]),
+                   normals_mask=torch.stack([s["normals_mask"] for s in samples]))
     if deferred:
         # Decoding deferred to the main process (rock_dist.data.device_decode): each entry is a JPEG's bytes (1-D)
         # with its crop and flip, or an image the worker finished (a PNG sample, 3-D; its geometry row unused).
         out["jpeg"] = [s["image"] for s in samples]
         out["jpeg_geometry"] = torch.stack([s.get("jpeg_geometry", torch.zeros(5, dtype=torch.int64))
                                             for s in samples])
-    else:
+    elif "image" in samples[0]:
         out["images"] = _stack_shared([s["image"] for s in samples])
     if "color_jitter" in samples[0]:
         out["color_jitter"] = torch.stack([s["color_jitter"] for s in samples])
@@ -98,29 +137,32 @@ def prepare_batch(batch: Mapping[str, Any], device: torch.device | str, *, chann
     """Move a batch to `device` and turn `images` (uint8 B x 3 x H x W) into float32 normalised with ImageNet
     mean/std, on the device. Non-tensor values are passed through; the input dict is not modified.
 
-    A training batch with `color_jitter` (B x 8, deferred by the worker) gets its colour jitter applied here, on the
-    device, before normalisation; the key is removed from the result. Float images are taken as already normalised.
-    `non_blocking` only overlaps the copy when the batch is in pinned memory (the loaders pin on CUDA machines).
+    Only moves and normalises: a training batch is augmented first (`rock_dist.data.device_augment`, which the
+    training stream applies), so a batch that still carries augmentation work (colour jitter parameters or
+    undecoded-geometry keys) is a ValueError rather than silently trained on unaugmented. Float images are taken as
+    already normalised. `non_blocking` only overlaps the copy when the batch is in pinned memory (the loaders pin on
+    CUDA machines).
     """
+    pending = sorted(k for k in _PENDING if k in batch)
+    if pending:
+        raise ValueError(f"prepare_batch got a batch with augmentation still to do ({', '.join(pending)}); apply "
+                         "rock_dist.data.device_augment.BatchAugment first (the training stream does)")
     device = torch.device(device)
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if key != "color_jitter":  # stays on the host: apply_color_jitter reads its operation order there
-            out[key] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+    out: dict[str, Any] = {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor)
+                           else value for key, value in batch.items()}
     images = out.get("images")
-    jitter = batch.get("color_jitter")
     if images is not None:
-        if jitter is not None and images.dtype == torch.uint8:
-            images = apply_color_jitter(images.to(torch.float32), jitter)  # float in [0, 255], rounded
-            mean, inv_std = _mean_std(device, torch.float32)
-            images = images.sub_(mean).mul_(inv_std)
-        elif images.dtype == torch.uint8:
+        if images.dtype == torch.uint8:
             mean, inv_std = _mean_std(device, torch.float32)
             images = images.to(torch.float32).sub_(mean).mul_(inv_std)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         out["images"] = images
     return out
+
+
+# Keys only a batch that has not been through the augmentation step carries.
+_PENDING = ("color_jitter", "augment_geometry", "jpeg")
 
 
 __all__ = ["collate", "prepare_batch"]

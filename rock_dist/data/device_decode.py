@@ -6,8 +6,9 @@ the workers read the JPEG header only (`transforms.decode_sample(..., defer_jpeg
 and jitter as always, build the auxiliary targets, and ship the JPEG's bytes with the crop and flip
 (`rock_dist.data.batch.collate`: keys `jpeg`, `jpeg_geometry`); `DeviceDecoder` decodes a whole batch with one
 `torchvision.io.decode_jpeg(list, device=...)` call and applies the crop, flip and resize there with the workers' own
-`transforms.crop_flip_resize`. The rest of the pipeline (colour jitter and normalisation in `prepare_batch`) is
-unchanged.
+`transforms.crop_flip_resize`. The rest of the pipeline (colour jitter in `rock_dist.data.device_augment`,
+normalisation in `prepare_batch`) is unchanged. `--augment_on device` does not combine with it (the decoder already
+does the image geometry on the GPU; the configuration refuses the pair).
 
 Fallbacks, each announced by one warning line: no CUDA device at start → the workers decode on the CPU as usual;
 a batch the GPU cannot decode but the CPU can → this batch and every later one decoded on the CPU in the main

@@ -10,7 +10,10 @@ stream's start position is not part of the spec: it changes while the same strea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # the spec stays importable without torch (command-line parsing imports it)
+    from rock_dist.data.device_augment import AugmentOn, Placement
 
 Size = tuple[int, int]
 DataMode = Literal["auto", "indexed", "stream"]
@@ -39,9 +42,12 @@ class TrainLoaderSpec(LoaderSpec):
     """The endless training stream of one rank (docs/data_pipeline.md).
 
     `mode`: "auto" (indexed for local shards, stream otherwise), "indexed" or "stream". `color_jitter`: "device"
-    ships the jitter parameters as batch key `color_jitter` for `prepare_batch` to apply on the training device;
-    "cpu" applies it in the workers; "none" disables it. `decode_device`: "cpu" (the workers decode) or "cuda"
-    (JPEGs decoded batched on the GPU in this process, `data.device_decode`)."""
+    draws the jitter parameters in the workers and applies them in the batched augmentation step on the training
+    device (`data.device_augment`); "cpu" applies it in the workers; "none" disables it. `decode_device`: "cpu"
+    (the workers decode) or "cuda" (JPEGs decoded batched on the GPU in this process, `data.device_decode`).
+    `augment_on`: where crop, flip, resize and the targets are computed, "workers", "device" or "auto"
+    (`device_augment.resolve_augment_on`: on the current CUDA device or the CPU), or a `device_augment.Placement`
+    naming the training device."""
 
     seed: int = 0
     force_crops: bool = False
@@ -50,6 +56,7 @@ class TrainLoaderSpec(LoaderSpec):
     color_jitter: ColorJitter = "device"
     mode: DataMode = "auto"
     decode_device: DecodeDevice = "cpu"
+    augment_on: AugmentOn | Placement = "auto"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Decoding of shard samples and the joint augmentation of ROCK (image, boxes, depth, normals), on tensors.
 
 Called by `rock_dist.data.pipeline` inside the loader workers (one sample at a time, single-threaded) and by the
-data benchmark. Everything works on uint8/uint16/float tensors decoded with `torchvision.io` (no PIL round trip);
-geometry is applied to the crop before resizing, and the auxiliary maps are sampled directly at the small target
-size (h, w) instead of being resized at full resolution.
+data benchmark. With `--augment_on device` (`TrainTransform(defer_augment=True)`) the workers only decode and draw
+the random parameters here; `rock_dist.data.device_augment` applies the same geometry batched on the training
+device, reusing `centre_indices` and the `Geometry` zoom rules below. Everything works on uint8/uint16/float
+tensors decoded with `torchvision.io` (no PIL round trip); geometry is applied to the crop before resizing, and the
+auxiliary maps are sampled directly at the small target size (h, w) instead of being resized at full resolution.
 
 Training augmentation follows the reference (vita-epfl/rock-pytorch, `rock/datasets/transforms.py`; see
 docs/augmentation.md):
@@ -21,10 +23,10 @@ docs/augmentation.md):
 4. ColorJitter(brightness=0.15, contrast=0.25, saturation=0.25, hue=0.05): the four operations in random order,
    each clamped to the valid range, hue as a rotation in HSV space — torchvision's semantics, computed in float32
    in one pass (`apply_color_jitter`). By default (``jitter="device"``) the worker only DRAWS the parameters and
-   ships them with the sample (batch key ``color_jitter``, B x 8); `rock_dist.data.batch.prepare_batch` applies
-   them batched on the training device. Jitter is the most expensive CPU step (HSV hue on 480x640: more than
-   decoding the three PNGs) and costs microseconds on a GPU. ``jitter="cpu"`` applies it in the worker instead
-   (same parameters, same result up to float rounding); ``"none"`` skips it.
+   ships them with the sample (batch key ``color_jitter``, B x 8); the batched augmentation step
+   (`rock_dist.data.device_augment`) applies them on the training device. Jitter is the most expensive CPU step
+   (HSV hue on 480x640: more than decoding the three PNGs) and costs microseconds on a GPU. ``jitter="cpu"``
+   applies it in the worker instead (same parameters, same result up to float rounding); ``"none"`` skips it.
 
 Difference from the reference, on purpose: the crop is quantised to whole pixels FIRST and the boxes, IoU test and
 zoom are computed from that pixel crop, so boxes match the pixels exactly (the reference normalised boxes by the
@@ -362,13 +364,19 @@ def flip_boxes(boxes: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def centre_indices(start: torch.Tensor, length: torch.Tensor, n: int, flip: torch.Tensor) -> torch.Tensor:
+    """Source indices (int64 B x n) of `n` nearest samples at pixel centres over [start, start + length) per row of
+    the int64 B-vectors `start` and `length`, mirrored where the bool B-vector `flip` is set. The workers call it
+    with B = 1 per sample, `rock_dist.data.device_augment` with the whole batch: the same float64 arithmetic."""
+    idx = ((torch.arange(n, dtype=torch.float64) + 0.5)[None] * (length.to(torch.float64) / n)[:, None]).floor()
+    idx = torch.minimum(idx.long().clamp_(min=0), (length - 1)[:, None])
+    # Sample the unflipped crop, then mirror the small map: flipping and sampling then commute exactly.
+    idx = torch.where(flip[:, None], idx.flip(1), idx)
+    return idx + start[:, None]
+
+
 def _centre_indices(start: int, length: int, n: int, flip: bool) -> torch.Tensor:
-    """Source indices of `n` nearest samples at pixel centres over [start, start + length), optionally mirrored."""
-    idx = ((torch.arange(n, dtype=torch.float64) + 0.5) * (length / n)).floor().long().clamp_(0, length - 1)
-    if flip:
-        # Sample the unflipped crop, then mirror the small map: flipping and sampling then commute exactly.
-        idx = idx.flip(0)
-    return idx + start
+    return centre_indices(torch.tensor([start]), torch.tensor([length]), n, torch.tensor([flip]))[0]
 
 
 def sample_aux_maps(s: DecodedSample, geom: Geometry, target_size: Size) -> dict[str, torch.Tensor]:
@@ -470,7 +478,7 @@ def apply_color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tens
     torchvision's ColorJitter semantics (per-image random order, each operation clamped), computed in float32 and
     rounded once at the end (torchvision on uint8 truncates after every operation: a few grey levels apart).
     Returns the input dtype (float results are rounded too, so CPU and device paths agree). Runs on the images'
-    device, batched: `prepare_batch` calls it on the accelerator for deferred jitter.
+    device, batched: `rock_dist.data.device_augment` calls it on the accelerator for deferred jitter.
     """
     single = images.dim() == 3
     x = images.unsqueeze(0) if single else images
@@ -543,6 +551,21 @@ def _finish(s: DecodedSample, image: torch.Tensor, boxes: torch.Tensor, labels: 
     }
 
 
+def deferred_sample(s: DecodedSample, geom: Geometry, keep: torch.Tensor, jitter: torch.Tensor | None
+                    ) -> dict[str, Any]:
+    """The sample as decoded plus the parameters drawn for it (`--augment_on device`): its crop and flip, the crop's
+    kept-box mask `keep` and the jitter parameters (None: no jitter). `rock_dist.data.batch.collate` pads the maps;
+    the batched step of `rock_dist.data.device_augment` crops, flips, resizes and samples the targets."""
+    out = {"raw_image": s.image, "raw_depth": s.depth_mm, "raw_normals": s.normals, "raw_mask": s.normals_mask,
+           "boxes": s.boxes, "labels": s.labels, "box_keep": keep,
+           "augment_geometry": torch.tensor([geom.x0, geom.y0, geom.x1, geom.y1, int(geom.flip)], dtype=torch.int64),
+           "scene": s.scene, "has_scene": s.scene >= 0, "has_depth": s.depth_mm is not None,
+           "has_normals": s.normals is not None, "image_id": s.image_id, "orig_size": s.size, "geometry": geom}
+    if jitter is not None:
+        out["color_jitter"] = jitter
+    return out
+
+
 class TrainTransform:
     """Reference training augmentation (see the module docstring) on a `DecodedSample`.
 
@@ -553,12 +576,16 @@ class TrainTransform:
 
     def __init__(self, image_size: Size, target_size: Size, *, force_crops: bool = False, no_crops: bool = False,
                  flip_p: float = 0.5, jitter: Literal["device", "cpu", "none"] = "device",
-                 defer_decode: bool = False) -> None:
+                 defer_decode: bool = False, defer_augment: bool = False) -> None:
         if jitter not in ("device", "cpu", "none"):
             raise ValueError(f"jitter must be 'device', 'cpu' or 'none', not {jitter!r}")
-        if defer_decode and jitter == "cpu":
-            raise ValueError("jitter 'cpu' needs the pixels in the worker; with deferred decoding use 'device'")
+        if (defer_decode or defer_augment) and jitter == "cpu":
+            raise ValueError("jitter 'cpu' needs the pixels in the worker; with deferred decoding or augmentation "
+                             "use 'device'")
+        if defer_decode and defer_augment:
+            raise ValueError("deferred decoding and deferred augmentation do not combine")
         self.defer_decode = defer_decode
+        self.defer_augment = defer_augment
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.target_size = (int(target_size[0]), int(target_size[1]))
         if force_crops and no_crops:
@@ -574,15 +601,19 @@ class TrainTransform:
         crop = None if self.no_crops else sample_ssd_crop(boxes, (H, W), rng, force_crops=self.force_crops)
         if crop is None:
             x0, y0, x1, y1 = 0, 0, W, H
+            keep = torch.ones(labels.shape[0], dtype=torch.bool)
         else:
             (x0, y0, x1, y1), keep = crop
-            boxes = crop_boxes(boxes[keep], (x0, y0, x1, y1), (H, W))
-            labels = labels[keep]
         flip = rng.random() < self.flip_p
         geom = Geometry(x0, y0, x1, y1, flip, (H, W))
         # Drawn in every mode so that the random stream (and so crops of later samples) never depends on it.
         jitter = draw_jitter_params(rng)
+        if self.defer_augment:
+            return deferred_sample(s, geom, keep, jitter if self.jitter == "device" else None)
 
+        if crop is not None:
+            boxes = crop_boxes(boxes[keep], (x0, y0, x1, y1), (H, W))
+            labels = labels[keep]
         if flip:
             boxes = flip_boxes(boxes)
         aux = sample_aux_maps(s, geom, self.target_size)
@@ -597,7 +628,8 @@ class TrainTransform:
                 image = apply_color_jitter(image, jitter)
             out = _finish(s, image, boxes, labels, aux, geom)
         if self.jitter == "device":
-            # Deferred: `prepare_batch` applies it batched on the training device, after the resize exactly like
+            # Deferred: rock_dist.data.device_augment applies it batched on the training device, after the resize
+            # exactly like
             # the reference (Resize, then ColorJitter). It is the costliest CPU step (HSV hue), ~free on a GPU.
             out["color_jitter"] = jitter
         return out
@@ -620,6 +652,7 @@ class EvalTransform:
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "aux_member", "Geometry", "sample_ssd_crop",
-    "crop_boxes", "flip_boxes", "sample_aux_maps", "adjust_hue", "draw_jitter_params", "apply_color_jitter",
-    "color_jitter", "crop_flip_resize", "decode_rgb", "jpeg_size", "TrainTransform", "EvalTransform",
+    "crop_boxes", "flip_boxes", "centre_indices", "sample_aux_maps", "adjust_hue", "draw_jitter_params",
+    "apply_color_jitter", "color_jitter", "crop_flip_resize", "deferred_sample", "decode_rgb", "jpeg_size",
+    "TrainTransform", "EvalTransform",
 ]

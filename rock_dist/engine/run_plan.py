@@ -273,8 +273,11 @@ def dataset_vocabulary(train_path: str) -> tuple[list[str], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ loader specs
-def train_loader_spec(plan: RunPlan, data: DataConfig, seed: int) -> TrainLoaderSpec:
-    """The training stream of this rank, per the plan (sizes, batch, layout) and the data flags."""
+def train_loader_spec(plan: RunPlan, data: DataConfig, seed: int,
+                      device: torch.device | None = None) -> TrainLoaderSpec:
+    """The training stream of this rank, per the plan (sizes, batch, layout) and the data flags; the batched
+    augmentation step runs on `device` (the run's own, e.g. cuda:3; None: the plan's device kind)."""
+    from rock_dist.data.device_augment import resolve_augment_on
     from rock_dist.data.loader_spec import TrainLoaderSpec
 
     return TrainLoaderSpec(
@@ -282,7 +285,9 @@ def train_loader_spec(plan: RunPlan, data: DataConfig, seed: int) -> TrainLoader
         batch_size=plan.batch_size, num_workers=data.num_workers, seed=seed, rank=plan.rank,
         world_size=plan.world_size, force_crops=data.force_crops, no_crops=data.no_crops,
         shuffle_buffer=data.shuffle_buffer, color_jitter=data.color_jitter, mode=data.data_mode,
-        decode_device=data.decode_device)
+        decode_device=data.decode_device,
+        augment_on=resolve_augment_on(data.augment_on, device if device is not None else plan.torch_device,
+                                      color_jitter=data.color_jitter, decode_device=data.decode_device))
 
 
 def eval_loader_spec(plan: RunPlan, split: str, num_workers: int) -> EvalLoaderSpec:

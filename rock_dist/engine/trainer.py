@@ -377,7 +377,7 @@ class Trainer:
         """
         from rock_dist.data.pipeline import make_train_loader
 
-        self._stream = make_train_loader(train_loader_spec(self.plan, self.cfg.data, self.cfg.seed),
+        self._stream = make_train_loader(train_loader_spec(self.plan, self.cfg.data, self.cfg.seed, self.device),
                                          start_sample=self.state.samples_seen)
         self.loader_watch.num_workers = self._stream.num_workers
         self._iter = iter(self._stream)

@@ -10,12 +10,15 @@ directory first (rendering takes a while; it is not part of the measurement).
 Both pipelines run in this process on ONE thread (torch.set_num_threads(1)), which is what one loader worker gets,
 so "samples/s" is per worker = per core. What each measures, per training sample:
 
-- ours: the exact code a loader worker runs (the training stream with 0 workers, default data mode): indexed
-  reads by seek, JPEG/PNG
-  decoding, SSD crop, flip, resize, depth/normals targets at the aux size, collation into batches. By default the
-  colour jitter is only drawn in the worker and applied batched on the training device by `prepare_batch`, like
-  prior matching, which runs batched on the device in the criterion; the second row ("jitter in worker") applies
-  the jitter in the worker instead, and the cost of the deferred jitter on this CPU is reported too.
+- ours: the exact code a loader worker runs (the training stream's worker batches with 0 workers, default data
+  mode): indexed reads by seek, JPEG/PNG decoding, SSD crop, flip, resize, depth/normals targets at the aux size,
+  collation into batches. By default the colour jitter is only drawn in the worker and applied batched on the
+  training device by the augmentation step (`rock_dist.data.device_augment`), like prior matching, which runs
+  batched on the device in the criterion; the "jitter in worker" row applies the jitter in the worker instead.
+  The "--augment_on device" row is the worker under `--augment_on device`: reads, decoding, the random draws and
+  collation of the padded full-size sample; crop, flip, resize and targets move to the batched step. The ratio of
+  the two rows is the worker CPU time per sample before / after. The cost of the batched step on this CPU (the
+  jitter alone, and the whole device step) is reported too.
 - reference-style (vita-epfl/rock-pytorch's recipe, re-implemented here): one pickle per image holding raw arrays
   (as its `prep` writes), PIL images, the same SSD crop, PIL flip/resize, torchvision ColorJitter on PIL, ToTensor +
   Normalize on the CPU, depth as 8-bit PIL scaled by its maximum, PIL nearest resizes of depth/normals, and
@@ -54,7 +57,8 @@ from torchvision import transforms as T
 
 from rock_dist.cli import run_cli
 from rock_dist.config import DataBenchConfig, parse_config
-from rock_dist.data.batch import collate, prepare_batch
+from rock_dist.data.batch import collate
+from rock_dist.data.device_augment import BatchAugment, Placement
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
 from rock_dist.data.loader_spec import TrainLoaderSpec
 from rock_dist.data.pipeline import make_train_loader
@@ -76,15 +80,19 @@ def _target_size(image_size: Size, backbone: str) -> Size:
 
 # ----------------------------------------------------------------------------------------------------------- ours
 def _ours_batches(sources: str, image_size: Size, target: Size, batch_size: int, seed: int,
-                  jitter: Literal["device", "cpu", "none"]) -> Iterator[Any]:
-    """Endless batches from the worker code path, run in this process."""
+                  jitter: Literal["device", "cpu", "none"], augment_on: str = "workers") -> Iterator[Any]:
+    """Endless batches from the worker code path (`augment_on` "workers" or "device"), run in this process:
+    what the loader workers ship, without the training process's batched augmentation step."""
+    placement = Placement("device" if augment_on == "device" else "workers", torch.device("cpu"))
     stream = make_train_loader(TrainLoaderSpec(sources, image_size=image_size, target_size=target,
-                                               batch_size=batch_size, num_workers=0, seed=seed, color_jitter=jitter))
-    return iter(stream)
+                                               batch_size=batch_size, num_workers=0, seed=seed, color_jitter=jitter,
+                                               augment_on=placement))
+    return stream.worker_batches()
 
 
 def _time_ours_stages(raws: list[dict[str, Any]], image_size: Size, target: Size, seed: int) -> dict[str, float]:
-    """Milliseconds per sample for decoding and for the augmentation alone (same samples)."""
+    """Milliseconds per sample for decoding and for the augmentation alone (same samples), and for the training
+    process's batched augmentation step on this CPU (jitter only, and the whole `--augment_on device` step)."""
     start = time.perf_counter()
     decoded = [decode_sample(r) for r in raws]
     t_decode = time.perf_counter() - start
@@ -92,21 +100,29 @@ def _time_ours_stages(raws: list[dict[str, Any]], image_size: Size, target: Size
     start = time.perf_counter()
     outs = [transform(s, random.Random(seed + i)) for i, s in enumerate(decoded)]
     t_aug = time.perf_counter() - start
-    # The deferred colour jitter as prepare_batch runs it, here on this CPU core (on a GPU it is ~free).
-    batch = collate(outs)
+    deferred = TrainTransform(image_size, target, defer_augment=True)
     start = time.perf_counter()
-    prepare_batch(batch, "cpu")
+    raw_outs = [deferred(s, random.Random(seed + i)) for i, s in enumerate(decoded)]
+    t_draw = time.perf_counter() - start
+    # The batched step as the training stream runs it, here on this CPU core (on a GPU it is nearly free).
+    step = BatchAugment("cpu", image_size, target)
+    batch, raw_batch = collate(outs), collate(raw_outs)
+    start = time.perf_counter()
+    step(batch)
     t_jitter = time.perf_counter() - start
+    start = time.perf_counter()
+    step(raw_batch)
+    t_step = time.perf_counter() - start
     return {"decode_ms": 1e3 * t_decode / len(raws), "augment_ms": 1e3 * t_aug / len(raws),
-            "device_jitter_ms_on_cpu": 1e3 * t_jitter / len(raws)}
+            "draw_only_ms": 1e3 * t_draw / len(raws), "device_jitter_ms_on_cpu": 1e3 * t_jitter / len(raws),
+            "device_augment_ms_on_cpu": 1e3 * t_step / len(raws)}
 
 
 def _time_loader(sources: str, n: int, image_size: Size, target: Size, batch_size: int, seed: int,
                  workers: int) -> dict[str, Any]:
     stream = make_train_loader(TrainLoaderSpec(sources, image_size=image_size, target_size=target,
                                                batch_size=batch_size, num_workers=workers, seed=seed))
-    it = iter(stream)
-    rate = _rate(it, stream.num_workers, n, batch_size)
+    rate = _rate(stream.worker_batches(), stream.num_workers, n, batch_size)  # the DataLoader's own output
     return {"workers": stream.num_workers, "samples_per_s": rate, "samples_per_s_per_worker": rate / stream.num_workers}
 
 
@@ -133,7 +149,7 @@ def run_scaling(raws: list[dict[str, Any]], work: Path, *, image_size: Size, tar
         for w in workers:
             stream = make_train_loader(TrainLoaderSpec(spec, image_size=image_size, target_size=target,
                                                        batch_size=batch_size, num_workers=w, seed=seed))
-            rate = _rate(iter(stream), w, num_samples, batch_size)
+            rate = _rate(stream.worker_batches(), w, num_samples, batch_size)
             rows.append({"shards": len(stream.sources[0].shards), "workers": w, "mode": stream.mode,
                          "samples_per_s": rate, "samples_per_s_per_worker": rate / w})
             del stream  # stops its worker processes before the next row starts its own
@@ -337,7 +353,9 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
 
     The pipelines are timed alternately in `rounds` chunks of `num_samples / rounds` samples each.
     Keys: device, cpu, torch_threads, image_size, target_size, num_samples, ours {samples_per_s, decode_ms,
-    augment_ms, device_jitter_ms_on_cpu}, ours_cpu_jitter {samples_per_s}, reference_style {samples_per_s},
+    augment_ms, draw_only_ms, device_jitter_ms_on_cpu, device_augment_ms_on_cpu}, ours_device_augment
+    {samples_per_s}, worker_cost_ratio_workers_over_device, ours_cpu_jitter {samples_per_s}, reference_style
+    {samples_per_s},
     speedup_per_core, speedup_per_core_cpu_jitter, target_speedup, meets_target, and loader {workers,
     samples_per_s, samples_per_s_per_worker} when `loader_workers` > 0, scaling [{shards, workers, mode,
     samples_per_s, samples_per_s_per_worker}] with `scaling`.
@@ -364,6 +382,8 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
             npy_copy = _npy_copy(shards, tmp_path / "npy", len(raws))
             pipelines = {
                 "ours": _ours_batches(shards, image_size, target, batch_size, seed, "device"),
+                "ours_device_augment": _ours_batches(shards, image_size, target, batch_size, seed, "device",
+                                                     "device"),
                 "ours_cpu_jitter": _ours_batches(shards, image_size, target, batch_size, seed, "cpu"),
                 "reference_style": _reference_batches(pickles, image_size, target, backbone, batch_size, seed),
             }
@@ -378,6 +398,10 @@ def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, bat
                 "target_size": list(target), "batch_size": batch_size, "num_samples": ours["samples"],
                 "stored_image_size": list(decode_sample(raws[0]).size),
                 "ours": ours, "ours_cpu_jitter": ours_cpu_jitter, "reference_style": ref,
+                "ours_device_augment": timed["ours_device_augment"],
+                # Worker CPU time per sample, --augment_on workers over --augment_on device (same samples, same run).
+                "worker_cost_ratio_workers_over_device":
+                    timed["ours_device_augment"]["samples_per_s"] / ours["samples_per_s"],
                 "speedup_per_core": ours["samples_per_s"] / ref["samples_per_s"],
                 "speedup_per_core_cpu_jitter": ours_cpu_jitter["samples_per_s"] / ref["samples_per_s"],
                 "target_speedup": 3.0,
@@ -421,6 +445,9 @@ def format_table(result: dict[str, Any]) -> str:
              f"{1e3 / ours['samples_per_s']:.1f}"),
             ("rock_dist shard reader (jitter in worker)", f"{result['ours_cpu_jitter']['samples_per_s']:.1f}",
              f"{1e3 / result['ours_cpu_jitter']['samples_per_s']:.1f}"),
+            ("rock_dist, --augment_on device (workers decode + draw)",
+             f"{result['ours_device_augment']['samples_per_s']:.1f}",
+             f"{1e3 / result['ours_device_augment']['samples_per_s']:.1f}"),
             ("reference-style (pickle, PIL, CPU matching)", f"{ref['samples_per_s']:.1f}",
              f"{1e3 / ref['samples_per_s']:.1f}")]
     if "ours_npy" in result:
@@ -435,8 +462,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"speed-up per core: {result['speedup_per_core']:.2f}x with the jitter on the device, "
                  f"{result['speedup_per_core_cpu_jitter']:.2f}x with it in the worker{npy} "
                  f"(target >= {result['target_speedup']:.0f}x)")
-    lines.append(f"ours per sample: decode {ours['decode_ms']:.1f} ms, augment {ours['augment_ms']:.1f} ms; deferred "
-                 f"jitter costs {ours['device_jitter_ms_on_cpu']:.1f} ms/sample when the 'device' is this CPU")
+    lines.append(f"ours per sample: decode {ours['decode_ms']:.1f} ms, augment {ours['augment_ms']:.1f} ms "
+                 f"(draw only, --augment_on device: {ours['draw_only_ms']:.2f} ms); deferred jitter costs "
+                 f"{ours['device_jitter_ms_on_cpu']:.1f} ms/sample, the whole --augment_on device step "
+                 f"{ours['device_augment_ms_on_cpu']:.1f} ms/sample when the 'device' is this CPU")
+    lines.append(f"worker cost per sample, --augment_on workers / device: "
+                 f"{result['worker_cost_ratio_workers_over_device']:.2f}x")
     lines.append(f"input {result['image_size'][0]}x{result['image_size'][1]} from stored "
                  f"{result['stored_image_size'][0]}x{result['stored_image_size'][1]}, aux targets "
                  f"{result['target_size'][0]}x{result['target_size'][1]}, {result['num_samples']} samples, "

@@ -39,15 +39,18 @@ Batch = Mapping[str, Any]
 
 # --------------------------------------------------------------------------------------------------------- batches
 def shard_batch(train_dir: str, batch_size: int, model_config: Any, *, seed: int = 0) -> dict[str, Any]:
-    """The first training batch of our pipeline on `train_dir` (real decoded + augmented samples, exactly the
-    format the trainer sees, including whatever per-batch keys the pipeline adds)."""
+    """The first training batch of our pipeline on `train_dir` (real decoded + augmented samples in the format the
+    trainer's step takes, including whatever per-batch keys the pipeline adds), augmented on the CPU so that it
+    stays a host batch to pin and time the step on (the augmentation's own cost is in the e2e section)."""
+    from rock_dist.data.device_augment import Placement
     from rock_dist.data.loader_spec import TrainLoaderSpec
     from rock_dist.data.pipeline import make_train_loader
     from rock_dist.model.priors import feature_map_sizes
 
     target = feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0]
     stream = make_train_loader(TrainLoaderSpec(train_dir, image_size=tuple(model_config.image_size),
-                                               target_size=target, batch_size=batch_size, num_workers=0, seed=seed))
+                                               target_size=target, batch_size=batch_size, num_workers=0, seed=seed,
+                                               augment_on=Placement("workers", torch.device("cpu"))))
     return dict(next(iter(stream)))
 
 
@@ -202,6 +205,7 @@ def bench_e2e(recipes: Sequence[Recipe], model_config: Any, loss_config: Any, de
 
 def _e2e_row(recipe: Recipe, model_config: Any, loss_config: Any, device: torch.device, *, train_dir: str,
              work_dir: Path, seed: int, warmup: int, repeats: int, iters: int) -> dict[str, Any]:
+    from rock_dist.data.device_augment import resolve_augment_on
     from rock_dist.data.loader_spec import TrainLoaderSpec
     from rock_dist.data.pipeline import make_train_loader
     from rock_dist.model.priors import feature_map_sizes
@@ -213,16 +217,19 @@ def _e2e_row(recipe: Recipe, model_config: Any, loss_config: Any, device: torch.
         loader: Any = reference_loader(train_dir, work_dir, model_config, batch_size=recipe.batch_size,
                                        num_workers=max(0, recipe.num_workers), seed=seed)
         workers = max(0, recipe.num_workers)
+        augment_on = "workers"  # the reference's own per-sample pipeline
     else:
         target = feature_map_sizes(tuple(model_config.image_size), model_config.backbone)[0]
+        # The trainer's default --augment_on auto, on this section's device.
         loader = make_train_loader(TrainLoaderSpec(train_dir, image_size=tuple(model_config.image_size),
                                                    target_size=target, batch_size=recipe.batch_size,
-                                                   num_workers=recipe.num_workers, seed=seed))
-        workers = loader.num_workers
+                                                   num_workers=recipe.num_workers, seed=seed,
+                                                   augment_on=resolve_augment_on("auto", device)))
+        workers, augment_on = loader.num_workers, loader.augment.where
     batches = iter(loader)
     timing = measure(lambda: step(next(batches)), device, warmup=warmup, repeats=repeats, iters=iters)
     row = _row_common(recipe, device, timing, recipe.batch_size)
-    row.update(loader=recipe.loader, loader_workers=workers)
+    row.update(loader=recipe.loader, loader_workers=workers, augment_on=augment_on)
     return row
 
 
