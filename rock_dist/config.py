@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence, TypeVar, Union, get_ar
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+# The built-in auxiliary tasks (rock_dist.tasks.registry), repeated here because the command line is parsed without
+# importing torch; tests/test_tasks.py checks that the two lists agree.
 AUX_TASKS: tuple[str, ...] = ("scene", "depth", "normals")
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 
@@ -59,8 +61,12 @@ class ModelConfig:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """Auxiliary tasks actually trained: none for the baseline SSD."""
-        return () if self.no_rock else tuple(t for t in AUX_TASKS if t in self.aux_tasks)
+        """Auxiliary tasks actually trained, in registry order: none for the baseline SSD. (A task registered at run
+        time, not in AUX_TASKS, follows the built-in ones in the order given.)"""
+        if self.no_rock:
+            return ()
+        return tuple(t for t in AUX_TASKS if t in self.aux_tasks) + tuple(
+            t for t in dict.fromkeys(self.aux_tasks) if t not in AUX_TASKS)
 
 
 @dataclass

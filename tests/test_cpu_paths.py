@@ -174,7 +174,7 @@ def test_no_graph_breaks_in_the_compiled_forward_and_criterion() -> None:
     matching, loss normalisation) trace into ONE graph each: a graph break would split the compiled region and
     sync or fall back to Python in the middle of the step."""
     from rock_dist.data.batch import prepare_batch
-    from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses
+    from rock_dist.engine.normalization import loss_ratios, micro_batch_counts
     from rock_dist.model.boxes import match_priors
     from rock_dist.model.builder import build_criterion, build_model
 
@@ -194,7 +194,7 @@ def test_no_graph_breaks_in_the_compiled_forward_and_criterion() -> None:
     assert explained.graph_break_count == 0 and explained.graph_count == 1, _breaks(explained)
 
     def forward_and_loss(x: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        losses = normalized_losses(criterion(model(x), batch), ratios, TINY.tasks, LossConfig())
+        losses = criterion(model(x), batch, ratios)
         return losses["loss"]
 
     explained = _explain(forward_and_loss, images, prepared)

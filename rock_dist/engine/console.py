@@ -27,14 +27,17 @@ def format_duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
-_ORDER = ("loss", "loss_det", "loss_loc", "loss_conf", "loss_scene", "loss_depth", "loss_normals")
+_DETECTION_ORDER = ("loss", "loss_det", "loss_loc", "loss_conf")
 
 
 def format_losses(losses: Mapping[str, float]) -> str:
-    """`loss 3.21 det 2.10 loc 0.3 ...` (total first, then detection, then auxiliary; `loss_` prefix dropped;
-    adaptive task weights as `w_scene 2.9 ...`)."""
+    """`loss 3.21 det 2.10 loc 0.3 ...` (total first, then detection, then auxiliary in registry order; `loss_`
+    prefix dropped; adaptive task weights as `w_scene 2.9 ...`)."""
+    from rock_dist.tasks import registry
+
+    order = (*_DETECTION_ORDER, *(f"loss_{task}" for task in registry.names()))
     parts = []
-    names = sorted(losses, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+    names = sorted(losses, key=lambda n: (order.index(n) if n in order else len(order), n))
     for name in names:
         value = losses[name]
         short = name[len("loss_"):] if name.startswith("loss_") else name

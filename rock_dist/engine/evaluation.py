@@ -27,7 +27,7 @@ import torch
 from rock_dist.engine.checkpoint import unwrap_detector
 from rock_dist.engine.coco import STAT_NAMES, build_detections, build_ground_truth, format_percent, run_coco_eval
 from rock_dist.engine.distributed import broadcast_object, gather_objects, is_distributed, rank
-from rock_dist.engine.metrics import AUX_METRIC_NAMES, aggregate_aux_stats, aux_image_stats
+from rock_dist.engine.metrics import aggregate_aux_stats, aux_image_stats, aux_metric_names, format_aux_metric
 from rock_dist.errors import DataError, RockError
 from rock_dist.fsutil import atomic_write_json
 
@@ -242,16 +242,14 @@ def metrics_renderables(metrics: Mapping[str, Any], class_names: Sequence[str] |
         coco.add_row(kind, iou, area, str(dets), format_percent(value))
     out: list[Any] = [coco]
 
-    aux_keys = [k for k in AUX_METRIC_NAMES if k in metrics and metrics[k] is not None]
+    metric_names = aux_metric_names()
+    aux_keys = [k for k in metric_names if k in metrics and metrics[k] is not None]
     if aux_keys:
         aux = Table(title="Auxiliary tasks")
         aux.add_column("metric")
         aux.add_column("value", justify="right")
         for key in aux_keys:
-            value = float(metrics[key])
-            text = f"{value:.4f}" if key in ("depth_abs_rel", "depth_rmse") else \
-                f"{value:.2f}" if key in ("normals_mean", "normals_median") else f"{100 * value:.1f} %"
-            aux.add_row(AUX_METRIC_NAMES[key], text)
+            aux.add_row(metric_names[key], format_aux_metric(key, float(metrics[key])))
         out.append(aux)
 
     per_category = metrics.get("per_category")

@@ -28,7 +28,7 @@ from rock_dist.config import LossConfig
 from rock_dist.engine.distributed import all_reduce_sum, host_all_reduce_sum, injected_fault
 from rock_dist.engine.fast_path import (Recipe, accelerate_precision, make_optimizer, maybe_compile,
                                         prepare_model_for_training, recipe_matcher)
-from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, normalized_losses, tasks_present
+from rock_dist.engine.normalization import loss_ratios, micro_batch_counts, tasks_present
 from rock_dist.engine.task_weighting import TaskWeighting
 from rock_dist.engine.runtime import local_accelerator
 from rock_dist.errors import DataError, NonFiniteLossError
@@ -162,9 +162,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Mapping[str, torch.Tens
         prepared = prepare_batch(batch, parts.device, channels_last=parts.recipe.channels_last)
         with acc.accumulate(parts.model):
             outputs = parts.model(prepared["images"])
-            raw = parts.criterion(outputs, prepared)
-            losses = normalized_losses(raw, loss_ratios(count, global_counts, num_micro_global), parts.tasks,
-                                       parts.loss_config, weights)
+            losses = parts.criterion(outputs, prepared, loss_ratios(count, global_counts, num_micro_global), weights)
+            del losses["num_pos"]  # a count, not a loss: the step reports the loss components only
             for task, accumulated in task_grads.items():
                 # GradNorm: this micro-batch's share of ∇_W L_t on the shared layer; summed over micro-batches and
                 # ranks (with the loss components' all-reduce) and divided by M it is the global batch's gradient.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequen
 import torch
 
 from rock_dist.config import LossConfig
+from rock_dist.tasks import registry
 
 if TYPE_CHECKING:
     from rock_dist.model.detector import ROCKDetector
@@ -48,7 +49,8 @@ def prediction_pictures(model: ROCKDetector, images_uint8: torch.Tensor, images_
     model: the unwrapped detector (run here in eval mode, then put back in its previous mode); images_uint8:
     B x 3 x H x W uint8 network-size images (CPU); images_input: the same, normalised, on the model's device;
     batch: the prepared batch (ground truth). Returns name -> uint8 3 x H' x W' CPU grids, one row of images each:
-    detections, ground_truth, and per trained task depth_pred/depth_gt, normals_pred/normals_gt, scene.
+    detections, ground_truth, and the pictures of each trained task (`AuxTask.pictures`: depth_pred/depth_gt,
+    normals_pred/normals_gt, scene).
     """
     from rock_dist.engine import visualize
 
@@ -76,24 +78,11 @@ def prediction_pictures(model: ROCKDetector, images_uint8: torch.Tensor, images_
         out["ground_truth"].append(visualize.draw_detections(
             images_uint8[i], batch["boxes"][i].float().cpu()[keep] * scale, labels[keep],
             torch.ones(int(keep.sum())), class_names))
-        if "depth" in outputs:
-            pred_depth = outputs["depth"][i, 0].exp()  # the model predicts log depth
-            gt_depth = batch["depth"][i, 0]
-            # One colour scale for prediction and ground truth, so they can be compared by eye.
-            valid = gt_depth[gt_depth > 0]
-            lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (None, None)
-            out.setdefault("depth_pred", []).append(visualize.colorize_depth(pred_depth, min_depth=lo,
-                                                                             max_depth=hi))
-            out.setdefault("depth_gt", []).append(visualize.colorize_depth(gt_depth, min_depth=lo, max_depth=hi))
-        if "normals" in outputs:
-            out.setdefault("normals_pred", []).append(visualize.normals_to_rgb(outputs["normals"][i]))
-            out.setdefault("normals_gt", []).append(visualize.normals_to_rgb(batch["normals"][i],
-                                                                             batch["normals_mask"][i]))
-        if "scene" in outputs:
-            probs = outputs["scene"][i].exp()  # log-probabilities
-            k = int(probs.argmax())
-            name = scene_types[k] if k < len(scene_types) else str(k)
-            out.setdefault("scene", []).append(visualize.scene_picture(images_uint8[i], name, float(probs[k])))
+        for task in registry.all_tasks():  # each trained task draws its own pictures (rock_dist.tasks)
+            if task.name in outputs:
+                for name, picture in task.pictures(outputs[task.name], batch, i, image=images_uint8[i],
+                                                   scene_types=scene_types).items():
+                    out.setdefault(name, []).append(picture)
     return {name: _grid(pics) for name, pics in out.items() if pics}
 
 

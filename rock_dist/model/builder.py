@@ -6,22 +6,23 @@ constructs the network. `num_classes` / `num_scenes` in the ModelConfig come fro
 
 from __future__ import annotations
 
-from rock_dist.config import AUX_TASKS, BACKBONES, LossConfig, ModelConfig
+from rock_dist.config import BACKBONES, LossConfig, ModelConfig
 from rock_dist.errors import ConfigError
 from rock_dist.model.backbone import build_backbone
 from rock_dist.model.boxes import match_priors
 from rock_dist.model.detector import ROCKDetector
 from rock_dist.model.losses import Matcher, ROCKCriterion
 from rock_dist.model.priors import feature_map_sizes
+from rock_dist.tasks import registry
 
 
 def check_model_config(cfg: ModelConfig) -> None:
     """ConfigError naming the flag when `cfg` cannot describe a network."""
     if cfg.backbone not in BACKBONES:
         raise ConfigError(f"--backbone {cfg.backbone!r}: choose one of {', '.join(BACKBONES)}")
-    unknown = [t for t in cfg.aux_tasks if t not in AUX_TASKS]
+    unknown = [t for t in cfg.aux_tasks if t not in registry.names()]
     if unknown:
-        raise ConfigError(f"--aux_tasks {' '.join(unknown)}: unknown task; choose from {' '.join(AUX_TASKS)}")
+        raise ConfigError(f"--aux_tasks {' '.join(unknown)}: unknown task; choose from {' '.join(registry.names())}")
     if not cfg.no_rock and not cfg.tasks:
         raise ConfigError("--aux_tasks is empty: give at least one task, or use --no_rock for the baseline SSD")
     h, w = cfg.image_size

@@ -1,16 +1,23 @@
-"""ROCKCriterion: SSD detection loss plus the masked auxiliary losses (scene, depth, normals), docs/losses.md.
+"""ROCKCriterion: SSD detection loss plus the masked auxiliary losses of the trained tasks, docs/losses.md.
 
-Built by `builder.build_criterion`; called by the trainer and evaluation as `criterion(outputs, batch)`. Matching of
-priors to boxes runs here, by default `boxes.match_priors` (vectorised over the padded batch on the batch's device);
-the criterion takes its matcher as an argument, so the benchmark's reference recipe passes its per-image CPU matcher
-(`engine.fast_path.match_per_image_on_cpu`) without touching this module. No loss uses data-dependent Python control
-flow or host synchronisation, so the criterion can be compiled together with the model.
+Built by `builder.build_criterion`; called by the training step as `criterion(outputs, batch, ratios, weights)` and
+by evaluation as `criterion(outputs, batch)`. Matching of priors to boxes runs here, by default `boxes.match_priors`
+(vectorised over the padded batch on the batch's device); the criterion takes its matcher as an argument, so the
+benchmark's reference recipe passes its per-image CPU matcher (`engine.fast_path.match_per_image_on_cpu`) without
+touching this module. No loss uses data-dependent Python control flow or host synchronisation, so the criterion can
+be compiled together with the model.
+
+The auxiliary tasks are those of rock_dist.tasks (one module each: its loss, its weight, what its loss counts); the
+criterion takes them from the registry and composes the total in ONE place (`compose_losses`), the way DETR's
+criterion owns its weight dict and its global normalisation: the training step passes each micro-batch's ratios
+r = M x n_m / N from the global counts (rock_dist.engine.normalization) and this step's task weights
+(rock_dist.engine.task_weighting).
 
 Returned components (all scalar tensors): `loss_loc` and `loss_conf` are the per-image box and class losses divided
 by the image's positives and averaged over the batch (images without boxes count as 0); `loss_det` =
-loc_weight * loss_loc + loss_conf (the reference's detection loss); `loss_scene`, `loss_depth`, `loss_normals` are the
-UNweighted auxiliary losses of the trained tasks; `loss` = loss_det + Σ weight_t * loss_t; `num_pos` the number of
-positive priors in the batch (detached).
+loc_weight * loss_loc + loss_conf (the reference's detection loss); `loss_<task>` (e.g. `loss_scene`, `loss_depth`,
+`loss_normals`) the UNweighted auxiliary losses of the trained tasks; each multiplied by its ratio when ratios are
+given; `loss` = loss_det + Σ weight_t * loss_t; `num_pos` the number of positive priors in the batch (detached).
 
 Missing modalities: each auxiliary loss is a mean over only the samples that have it (has_scene / has_depth /
 has_normals); a batch where no sample has a modality gives exactly 0 for it (finite, zero gradient).
@@ -18,7 +25,7 @@ has_normals); a batch where no sample has a modality gives exactly 0 for it (fin
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,31 +34,18 @@ from torch import nn
 from rock_dist.config import LossConfig, ModelConfig
 from rock_dist.model.boxes import MatchResult, encode_boxes, match_priors
 from rock_dist.model.priors import make_priors
+from rock_dist.tasks import registry
+from rock_dist.tasks.base import AuxTask
+# The auxiliary losses live with their tasks; re-exported here, where the criterion's callers have found them.
+from rock_dist.tasks.depth import depth_loss
+from rock_dist.tasks.normals import normals_loss
+from rock_dist.tasks.scene import scene_loss
 
 # A prior matcher: (gt_boxes B x M x 4 xyxy, gt_labels B x M, priors P x 4 cxcywh) -> MatchResult of B x P tensors.
 Matcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], MatchResult]
 
-# Depth targets are clamped to this range (metres) before the log (reference).
-DEPTH_MIN, DEPTH_MAX = 1e-3, 10.0
-# Smallest predicted-normal norm used when normalising (reference).
-NORMAL_EPS = 1e-5
-# berHu threshold as a fraction of the largest absolute residual in the batch (Laina et al. 2016).
-BERHU_FRACTION = 0.2
 # Weight of the negatives' summed loss relative to positives/negatives in the all-priors variant (reference).
 ALL_PRIORS_NEG_SCALE = 5.0
-
-
-def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ values·weights / Σ weights, and exactly 0 when the weights sum to 0 (no NaN, no gradient)."""
-    values = torch.where(weights > 0, values, torch.zeros_like(values))  # also drops NaN/inf of masked entries
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-def _resize_nearest(target: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Nearest-neighbour resize of a B x C x h x w target to `size` = (h', w') (no-op when already that size)."""
-    if tuple(target.shape[-2:]) == tuple(size):
-        return target
-    return F.interpolate(target.float(), size=size, mode="nearest")
 
 
 def hard_negative_mask(loss: torch.Tensor, negative: torch.Tensor, num_neg: torch.Tensor) -> torch.Tensor:
@@ -111,64 +105,39 @@ def detection_loss(loc: torch.Tensor, conf: torch.Tensor, gt_boxes: torch.Tensor
     return loss_loc, loss_conf, num_pos.sum().detach()
 
 
-def scene_loss(log_probs: torch.Tensor, scene: torch.Tensor, has_scene: torch.Tensor) -> torch.Tensor:
-    """NLL of the scene log-probabilities B x S against ids B (-1 if missing), mean over samples that have one."""
-    valid = has_scene.bool() & (scene >= 0)
-    nll = -log_probs.float().gather(1, scene.clamp(min=0)[:, None]).squeeze(1)
-    return _masked_mean(nll, valid.float())
+def compose_losses(components: Mapping[str, torch.Tensor], tasks: Sequence[str], weights: Mapping[str, float],
+                   ratios: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """The total loss and the (re-weighted) components: THE composition of the training loss.
 
-
-def depth_loss(pred: torch.Tensor, depth: torch.Tensor, has_depth: torch.Tensor, kind: str = "smoothl1"
-               ) -> torch.Tensor:
-    """Loss between predicted log depth B x 1 x h x w and log(clamp(depth, 1e-3, 10)) of the target depth (metres).
-
-    Every pixel of a sample with depth counts (hole-filled depths); samples without depth are left out.
-    kind 'smoothl1' (reference) or 'berhu' (the paper: |r| up to c, (r² + c²) / 2c above, with c = 0.2 x the largest
-    |r| over the samples with depth).
+    components: `loss_loc`, `loss_conf`, `loss_det` and `loss_<task>` of the `tasks`, each normalised over its own
+    micro-batch. ratios (None: all 1): per count key ("det" and each task) the factor M x n_m / N that turns the
+    micro-batch's mean into its share of the global batch's mean (rock_dist.engine.normalization); summing a scaled
+    component over the step's micro-batches and ranks and dividing by M gives its global-batch value (what the
+    console and TensorBoard show). A ratio of exactly 1 leaves its components untouched, so a batch that is the
+    whole global batch gives bit for bit loss_det + Σ weight_t x loss_t.
     """
-    pred = pred.float()
-    depth = _resize_nearest(depth, tuple(pred.shape[-2:]))
-    weights = has_depth.bool()[:, None, None, None].float().expand_as(pred)
-    # Targets of samples without depth are replaced by a finite value: whatever the loader put there (0, NaN) must
-    # not reach the backward pass, where 0 x NaN would still be NaN.
-    depth = torch.where(weights > 0, depth.float(), torch.ones_like(pred))
-    target = torch.log(depth.clamp(DEPTH_MIN, DEPTH_MAX))
-    if kind == "smoothl1":
-        per_pixel = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
-    elif kind == "berhu":
-        residual = (pred - target).abs()
-        c = (BERHU_FRACTION * torch.where(weights > 0, residual, torch.zeros_like(residual)).amax()).detach()
-        c = c.clamp(min=1e-6)
-        per_pixel = torch.where(residual <= c, residual, (residual ** 2 + c ** 2) / (2 * c))
-    else:
-        raise ValueError(f"unknown depth loss {kind!r}; expected 'smoothl1' or 'berhu'")
-    return _masked_mean(per_pixel, weights)
+    def scaled(value: torch.Tensor, key: str) -> torch.Tensor:
+        ratio = 1.0 if ratios is None else ratios[key]
+        return value if ratio == 1.0 else value * ratio
 
-
-def normals_loss(pred: torch.Tensor, normals: torch.Tensor, mask: torch.Tensor, has_normals: torch.Tensor
-                 ) -> torch.Tensor:
-    """Mean over valid pixels of the batch of (1 - n̂·n) + ‖n̂ - n‖², n̂ = pred / max(‖pred‖, 1e-5).
-
-    pred B x 3 x h x w, normals B x 3 x h x w unit vectors, mask B x 1 x h x w (valid pixels), has_normals B.
-    """
-    pred = pred.float()
-    size = tuple(pred.shape[-2:])
-    normals = _resize_nearest(normals, size).float()
-    mask = _resize_nearest(mask, size) > 0.5 if tuple(mask.shape[-2:]) != size else mask.bool()
-    weights = (mask[:, 0] & has_normals.bool()[:, None, None]).float()
-    normals = torch.where(weights[:, None] > 0, normals, torch.zeros_like(normals))  # finite where unused
-    unit = pred / pred.norm(dim=1, keepdim=True).clamp(min=NORMAL_EPS)
-    per_pixel = (1.0 - (unit * normals).sum(dim=1)) + ((unit - normals) ** 2).sum(dim=1)  # B x h x w
-    return _masked_mean(per_pixel, weights)
+    out = {name: scaled(components[name], "det") for name in ("loss_loc", "loss_conf", "loss_det")
+           if name in components}
+    total = out["loss_det"]
+    for task in tasks:  # static: fixed by the configuration
+        out[f"loss_{task}"] = scaled(components[f"loss_{task}"], task)
+        total = total + weights[task] * out[f"loss_{task}"]
+    out["loss"] = total
+    return out
 
 
 class ROCKCriterion(nn.Module):
-    """criterion(outputs, batch) → dict of scalar losses (see the module docstring).
+    """criterion(outputs, batch, ratios=None, weights=None) → dict of scalar losses (see the module docstring).
 
-    outputs: the detector's dict ("loc" B x P x 4, "conf" B x P x C, plus "scene"/"depth"/"normals" of the trained
-    tasks). batch (docs/data_format.md, on the outputs' device): "boxes" B x M x 4, "labels" B x M, and for the trained
-    tasks "scene" + "has_scene", "depth" + "has_depth", "normals" + "normals_mask" + "has_normals". `matcher` assigns
-    the boxes to the priors (see `detection_loss`).
+    outputs: the detector's dict ("loc" B x P x 4, "conf" B x P x C, plus one entry per trained task). batch
+    (docs/data_format.md, on the outputs' device): "boxes" B x M x 4, "labels" B x M, and the keys of each trained
+    task (its `presence_key` and `target_keys`). ratios: the global-batch ratios of `compose_losses` (None: this batch
+    is the whole batch). weights: this step's task weights (None: `weight_dict`, the fixed ones of the LossConfig).
+    `matcher` assigns the boxes to the priors (see `detection_loss`).
     """
 
     priors: torch.Tensor
@@ -179,9 +148,12 @@ class ROCKCriterion(nn.Module):
         self.loss_config = loss
         self.matcher = matcher
         self.tasks: tuple[str, ...] = config.tasks
+        self.aux_tasks: tuple[AuxTask, ...] = registry.select(self.tasks)
+        self.weight_dict: dict[str, float] = {task.name: task.weight(loss) for task in self.aux_tasks}
         self.register_buffer("priors", make_priors(config.image_size, config.backbone), persistent=False)
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    def forward(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
+                ratios: Mapping[str, float] | None = None, weights: Mapping[str, float] | None = None
                 ) -> dict[str, torch.Tensor]:
         lc = self.loss_config
         loc = outputs["loc"]
@@ -192,29 +164,16 @@ class ROCKCriterion(nn.Module):
         loss_loc, loss_conf, num_pos = detection_loss(
             loc, outputs["conf"], batch["boxes"], batch["labels"], priors, neg_pos_ratio=lc.neg_pos_ratio,
             use_all_priors=self.config.use_all_priors_conf_loss, matcher=self.matcher)
-        loss_det = lc.loc_weight * loss_loc + loss_conf
-        result = {"loss_loc": loss_loc, "loss_conf": loss_conf, "loss_det": loss_det}
-        total = loss_det
-        for task in self.tasks:  # static: fixed by the configuration
-            if task not in outputs:
-                raise KeyError(f"the criterion trains {task!r} but the model outputs have no {task!r}: build the "
-                               "model and the criterion from the same ModelConfig")
-            if task == "scene":
-                value = scene_loss(outputs["scene"], batch["scene"], batch["has_scene"])
-                weight = lc.scene_weight
-            elif task == "depth":
-                value = depth_loss(outputs["depth"], batch["depth"], batch["has_depth"], self.config.depth_loss)
-                weight = lc.depth_weight
-            else:
-                value = normals_loss(outputs["normals"], batch["normals"], batch["normals_mask"],
-                                     batch["has_normals"])
-                weight = lc.normals_weight
-            result[f"loss_{task}"] = value
-            total = total + weight * value
-        result["loss"] = total
+        components = {"loss_loc": loss_loc, "loss_conf": loss_conf, "loss_det": lc.loc_weight * loss_loc + loss_conf}
+        for task in self.aux_tasks:  # static: fixed by the configuration
+            if task.name not in outputs:
+                raise KeyError(f"the criterion trains {task.name!r} but the model outputs have no {task.name!r}: "
+                               "build the model and the criterion from the same ModelConfig")
+            components[f"loss_{task.name}"] = task.loss(outputs[task.name], batch, self.config)
+        result = compose_losses(components, self.tasks, self.weight_dict if weights is None else weights, ratios)
         result["num_pos"] = num_pos
         return result
 
 
-__all__ = ["Matcher", "ROCKCriterion", "detection_loss", "hard_negative_mask", "scene_loss", "depth_loss",
-           "normals_loss"]
+__all__ = ["Matcher", "ROCKCriterion", "compose_losses", "detection_loss", "hard_negative_mask", "scene_loss",
+           "depth_loss", "normals_loss"]

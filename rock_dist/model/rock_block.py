@@ -1,8 +1,9 @@
 """The ROCK residual auxiliary block (Mordan et al., NeurIPS 2018), docs/architecture.md.
 
 Called by `detector.ROCKDetector`. On the backbone map x (B x C x h x w, C = 2048 for ResNet-50) a shared encoder
-feeds one branch per auxiliary task; each branch predicts its task (scene, depth or normals) by pooling a C_t-channel
-map, and decodes that map back to C channels; the decoded maps are added to x (residual fusion):
+feeds one branch per auxiliary task; each branch predicts its task (scene, depth, normals: the head each task module
+of rock_dist.tasks declares, its channel count C_t and its pooling) from a C_t-channel map, and decodes that map back
+to C channels; the decoded maps are added to x (residual fusion):
 `out = ReLU(BN(x + Σ_t decoded_t))`. Only the branches of the trained tasks are built, so distributed training has no
 parameters without gradients (the reference built all three).
 """
@@ -13,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rock_dist.tasks import registry
+
 # BatchNorm momentum of every ROCK and SSD layer (reference).
 BN_MOMENTUM = 0.01
-# Channels of each task's prediction map (reference): scene = number of scene types, depth 128, normals 3 x 128.
-DEPTH_CHANNELS = 128
-NORMALS_CHANNELS_PER_AXIS = 128
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int | tuple[int, int] = 1, *, stride: int = 1,
@@ -31,16 +31,16 @@ class TaskBranch(nn.Module):
     """One auxiliary task: 1x1 512→256, 3x3 256→256, 1x1 256→512 (each +BN+ReLU), then 1x1 512→C_t (the task map),
     and the decoder 1x1 C_t→C +BN+ReLU back into the backbone space.
 
-    forward(x B x 512 x h x w) → (decoded B x C x h x w, prediction):
-      scene: B x S log-probabilities (spatial mean of the S-channel map, log-softmax);
-      depth: B x 1 x h x w log depth (mean over the 128 channels);
-      normals: B x 3 x h x w unnormalised normals (mean over each group of 128 channels).
+    forward(x B x 512 x h x w) → (decoded B x C x h x w, prediction), the prediction pooled from the task map by the
+    task's `predict` (rock_dist.tasks): e.g. scene B x S log-probabilities, depth B x 1 x h x w log depth, normals
+    B x 3 x h x w unnormalised normals. C_t is the task's `channels(num_scenes)`.
     """
 
     def __init__(self, task: str, backbone_channels: int, num_scenes: int = 27) -> None:
         super().__init__()
         self.task = task
-        task_channels = {"scene": num_scenes, "depth": DEPTH_CHANNELS, "normals": 3 * NORMALS_CHANNELS_PER_AXIS}[task]
+        self.head = registry.get(task)
+        task_channels = self.head.channels(num_scenes)
         self.features = nn.Sequential(conv_bn_relu(512, 256, 1), conv_bn_relu(256, 256, 3, padding=1),
                                       conv_bn_relu(256, 512, 1))
         self.task_map = nn.Conv2d(512, task_channels, 1)
@@ -48,16 +48,7 @@ class TaskBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.task_map(self.features(x))
-        if self.task == "scene":
-            # Pool and normalise in at least float32 (not bf16/fp16 under autocast); float64 stays float64.
-            pooled = t.to(torch.promote_types(t.dtype, torch.float32)).mean(dim=(2, 3))
-            pred = F.log_softmax(pooled, dim=1)
-        elif self.task == "depth":
-            pred = t.mean(dim=1, keepdim=True)
-        else:
-            b, _, h, w = t.shape
-            pred = t.reshape(b, 3, NORMALS_CHANNELS_PER_AXIS, h, w).mean(dim=2)
-        return self.decoder(t), pred
+        return self.decoder(t), self.head.predict(t)
 
 
 class ROCKBlock(nn.Module):

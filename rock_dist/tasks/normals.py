@@ -1,0 +1,110 @@
+"""The surface-normals task of the ROCK block: a normal per pixel of the auxiliary map (docs/losses.md,
+docs/evaluation.md).
+
+Registered in rock_dist.tasks.registry. Batch: `normals` float32 B x 3 x h x w (unit vectors), `normals_mask` bool
+B x 1 x h x w (valid pixels) and `has_normals` bool B; a horizontal flip negates the x component (the pipeline,
+rock_dist.data.transforms). Head: the mean over each group of 128 channels of a 3 x 128-channel task map
+(unnormalised). Loss: (1 - n̂·n) + ‖n̂ - n‖² over the valid pixels of the batch; weight 30. Metrics: angle statistics
+over the valid pixels of the evaluated set.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rock_dist.tasks.base import AuxTask, Batch, masked_mean, match_size, resize_nearest
+
+if TYPE_CHECKING:
+    from rock_dist.config import ModelConfig
+
+# Channels of the task map per axis (reference): 3 x 128.
+NORMALS_CHANNELS_PER_AXIS = 128
+# Smallest predicted-normal norm used when normalising (reference).
+NORMAL_EPS = 1e-5
+NORMAL_ANGLE_THRESHOLDS: dict[str, float] = {"normals_11_25": 11.25, "normals_22_5": 22.5, "normals_30": 30.0}
+
+
+def normals_loss(pred: torch.Tensor, normals: torch.Tensor, mask: torch.Tensor, has_normals: torch.Tensor
+                 ) -> torch.Tensor:
+    """Mean over valid pixels of the batch of (1 - n̂·n) + ‖n̂ - n‖², n̂ = pred / max(‖pred‖, 1e-5).
+
+    pred B x 3 x h x w, normals B x 3 x h x w unit vectors, mask B x 1 x h x w (valid pixels), has_normals B.
+    """
+    pred = pred.float()
+    size = tuple(pred.shape[-2:])
+    normals = resize_nearest(normals, size).float()
+    mask = resize_nearest(mask, size) > 0.5 if tuple(mask.shape[-2:]) != size else mask.bool()
+    weights = (mask[:, 0] & has_normals.bool()[:, None, None]).float()
+    normals = torch.where(weights[:, None] > 0, normals, torch.zeros_like(normals))  # finite where unused
+    unit = pred / pred.norm(dim=1, keepdim=True).clamp(min=NORMAL_EPS)
+    per_pixel = (1.0 - (unit * normals).sum(dim=1)) + ((unit - normals) ** 2).sum(dim=1)  # B x h x w
+    return masked_mean(per_pixel, weights)
+
+
+class NormalsTask(AuxTask):
+    name = "normals"
+    presence_key = "has_normals"
+    target_keys = ("normals", "normals_mask")
+    reference_weight = 30.0
+    metric_names = {"normals_mean": "normals mean angle (deg)", "normals_median": "normals median angle (deg)",
+                    "normals_11_25": "normals fraction under 11.25 deg",
+                    "normals_22_5": "normals fraction under 22.5 deg", "normals_30": "normals fraction under 30 deg"}
+    record_key = "normals_angles"
+
+    def channels(self, num_scenes: int) -> int:
+        return 3 * NORMALS_CHANNELS_PER_AXIS
+
+    def predict(self, task_map: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = task_map.shape
+        return task_map.reshape(b, 3, NORMALS_CHANNELS_PER_AXIS, h, w).mean(dim=2)
+
+    def loss(self, prediction: torch.Tensor, batch: Batch, config: ModelConfig) -> torch.Tensor:
+        return normals_loss(prediction, batch["normals"], batch["normals_mask"], batch["has_normals"])
+
+    def count(self, batch: Batch) -> torch.Tensor | int:
+        if "normals_mask" not in batch or "has_normals" not in batch:
+            return 0
+        return (batch["normals_mask"][:, 0].bool() & batch["has_normals"].bool()[:, None, None]).sum()
+
+    def image_stats(self, prediction: torch.Tensor, batch: Batch) -> list[Any]:
+        """The float32 array of angles (degrees) at the valid pixels, per image with any."""
+        target = batch["normals"].float()
+        predicted = match_size(prediction.float(), tuple(target.shape[-2:]))
+        predicted = F.normalize(predicted, dim=1, eps=1e-12)
+        target = F.normalize(target, dim=1, eps=1e-12)
+        cosine = (predicted * target).sum(1).clamp(-1.0, 1.0)  # B x h x w
+        angles = torch.rad2deg(torch.acos(cosine)).cpu()
+        mask = batch["normals_mask"].bool().reshape(cosine.shape).cpu()
+        mask &= batch["has_normals"].bool().cpu().view(-1, 1, 1)
+        return [angles[i][mask[i]].numpy().astype(np.float32) if mask[i].any() else None
+                for i in range(angles.shape[0])]
+
+    def aggregate(self, records: Sequence[Any]) -> dict[str, float | int]:
+        angles = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in records])
+        out: dict[str, float | int] = {"normals_mean": math.fsum(angles.tolist()) / angles.size,
+                                       "normals_median": float(np.median(angles))}
+        for name, threshold in NORMAL_ANGLE_THRESHOLDS.items():
+            out[name] = float(np.count_nonzero(angles < threshold)) / angles.size
+        out["normals_pixels"] = int(angles.size)
+        return out
+
+    def format_metric(self, key: str, value: float) -> str:
+        return f"{value:.2f}" if key in ("normals_mean", "normals_median") else super().format_metric(key, value)
+
+    def pictures(self, prediction: torch.Tensor, batch: Batch, index: int, *, image: torch.Tensor,
+                 scene_types: Sequence[str]) -> dict[str, torch.Tensor]:
+        from rock_dist.engine.visualize import normals_to_rgb
+
+        return {"normals_pred": normals_to_rgb(prediction[index]),
+                "normals_gt": normals_to_rgb(batch["normals"][index], batch["normals_mask"][index])}
+
+
+NORMALS = NormalsTask()
+
+__all__ = ["NORMALS", "NormalsTask", "NORMALS_CHANNELS_PER_AXIS", "NORMAL_EPS", "NORMAL_ANGLE_THRESHOLDS",
+           "normals_loss"]
