@@ -154,7 +154,18 @@ def _reads(source: str) -> set[str]:
             found.add(node.value.removeprefix("--"))
         elif isinstance(node, ast.Name) and node.id in NAME_TUPLES:
             found.update(NAME_TUPLES[node.id])
+        elif isinstance(node, ast.JoinedStr):
+            found.update(_task_template_reads(node))
     return found
+
+
+def _task_template_reads(node: ast.JoinedStr) -> set[str]:
+    """A per-task field read by name, f"{task.name}_weight": the template filled in with every auxiliary task the
+    command line knows (config.AUX_TASKS), the only values such a placeholder takes for a config field."""
+    parts = node.values
+    if len(parts) != 2 or not isinstance(parts[0], ast.FormattedValue) or not isinstance(parts[1], ast.Constant):
+        return set()
+    return {f"{task}{parts[1].value}" for task in config_module.AUX_TASKS}
 
 
 def unread_config_fields(package: Path = PACKAGE) -> dict[str, list[str]]:
@@ -190,3 +201,8 @@ def test_the_field_check_finds_an_unread_field(tmp_path: Path) -> None:
     assert "cfg.show_all_cats" in text
     evaluate.write_text(text.replace("cfg.show_all_cats", "False"))
     assert unread_config_fields(copy) == {"EvaluateConfig": ["show_all_cats"]}
+    # The same for a field read through a per-task template: without the template nothing reads the weights.
+    base = copy / "tasks" / "base.py"
+    assert 'f"{self.name}_weight"' in base.read_text()
+    base.write_text(base.read_text().replace('f"{self.name}_weight"', '"unused"'))
+    assert unread_config_fields(copy)["LossConfig"] == [f"{t}_weight" for t in config_module.AUX_TASKS]

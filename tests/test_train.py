@@ -246,7 +246,7 @@ def test_run_plan_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     # fp16 on a CPU runs (CPU autocast + CPU GradScaler: test_cpu_paths.py) where torch has both.
     fp16 = resolve_run_plan(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
     assert fp16.cpu and fp16.precision == "fp16"
-    monkeypatch.setattr("rock_dist.engine.runtime.cpu_fp16_supported", lambda: False)
+    monkeypatch.setattr("rock_dist.engine.run_plan.cpu_fp16_supported", lambda: False)
     with pytest.raises(ConfigError, match="fp16 on the CPU needs torch >= 2.3"):
         resolve_run_plan(parse_config(TrainConfig, ["--mixed_precision", "fp16"]))
     with pytest.raises(ConfigError, match="--device cuda"):

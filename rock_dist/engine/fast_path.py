@@ -1,10 +1,10 @@
 """The fast path: the ONE place where rock_dist's speed-relevant training and inference choices are applied.
 
 A `Recipe` names every speed-relevant choice (precision, memory format, torch.compile, fused Adam, BatchNorm
-folding, where prior matching runs, batch size, loader). `training_recipe(plan)` is what the trainer runs with (from
-its `engine.run_plan.RunPlan`); `inference_recipe()` what `evaluate` and `detect` run with; the benchmark's
-reference, fast and in-between recipes are defined in `rock_dist.perf.recipes` and applied by the same functions
-here.
+folding, where prior matching runs, batch size, loader). `training_recipe(...)` is what the trainer runs with (via
+`engine.run_plan.RunPlan.training_recipe`); `inference_recipe()` what `evaluate` and `detect` run with; the
+benchmark's reference and fast recipes are chosen in `engine.recipes`, the ladder between them in
+`rock_dist.perf.recipes`, and applied by the same functions here.
 
 Who calls what:
 - `engine.step.build_step_parts` (the trainer, the benchmark, the autotune and the batch-size probe) calls
@@ -30,7 +30,6 @@ from rock_dist.model.boxes import MatchResult, match_priors
 from rock_dist.model.losses import Matcher
 
 if TYPE_CHECKING:
-    from rock_dist.engine.run_plan import RunPlan
     from rock_dist.model.detector import ROCKDetector
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -84,16 +83,17 @@ def accelerate_word(precision: Precision) -> str:
     return _ACCELERATE_PRECISION[precision]
 
 
-def training_recipe(plan: RunPlan, *, fold_bn: bool = False) -> Recipe:
-    """The recipe the trainer runs with, from its run plan (precision, channels_last and compile were resolved there
-    from the flags; 'auto' means on CUDA). Fused Adam and batched device matching are on for every device (same
-    update rule, measured faster on CUDA and CPU). Folding the frozen backbone BNs is opt-in (`--fold_backbone_bn`):
-    the forward pass is identical, but Adam and weight decay then act on the merged convolution weights instead of
-    the convolution and BN affine weights separately, so the run no longer follows the reference recipe's
-    optimisation exactly."""
-    device = plan.torch_device
-    return Recipe(name="train", precision=plan.precision, channels_last=plan.channels_last,
-                  cudnn_benchmark=device.type == "cuda", compile=plan.compile,
+def training_recipe(device: torch.device, *, precision: Precision, channels_last: bool, compile: bool,
+                    fold_bn: bool = False) -> Recipe:
+    """The recipe the trainer runs with, from its run plan's settings (`RunPlan.training_recipe`: precision,
+    channels_last and compile were resolved there from the flags; 'auto' means on CUDA). It takes the settings,
+    not the plan, so that the plan can build recipes without an import cycle. Fused Adam and batched device
+    matching are on for every device (same update rule, measured faster on CUDA and CPU). Folding the frozen
+    backbone BNs is opt-in (`--fold_backbone_bn`): the forward pass is identical, but Adam and weight decay then
+    act on the merged convolution weights instead of the convolution and BN affine weights separately, so the run
+    no longer follows the reference recipe's optimisation exactly."""
+    return Recipe(name="train", precision=precision, channels_last=channels_last,
+                  cudnn_benchmark=device.type == "cuda", compile=compile,
                   fused_adam=fused_adam_available(device), fold_bn=fold_bn, device_matching=True,
                   loader="rock_dist", num_workers=-1)
 

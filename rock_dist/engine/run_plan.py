@@ -30,7 +30,7 @@ from rock_dist.errors import ConfigError
 
 if TYPE_CHECKING:
     from rock_dist.data.loader_spec import EvalLoaderSpec, TrainLoaderSpec
-    from rock_dist.engine.fast_path import Precision
+    from rock_dist.engine.fast_path import Precision, Recipe
 
 DeviceKind = Literal["cpu", "cuda"]
 BatchOrigin = Literal["flag", "auto", "checkpoint"]
@@ -60,14 +60,18 @@ def resolve_device(choice: str, *, cpu_flag: bool = False) -> DeviceKind:
     return "cuda"
 
 
+def cpu_fp16_supported() -> bool:
+    """Whether torch has fp16 autocast and a GradScaler for the CPU (torch 2.3 added `GradScaler("cpu")`)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 3) and torch.amp.is_autocast_available("cpu")
+
+
 def resolve_precision(choice: str, device: DeviceKind, *, training: bool, flag: str = "--mixed_precision"
                       ) -> Precision:
     """The autocast precision for a flag value ('auto', 'no'/'fp32', 'bf16', 'fp16') on `device`.
 
     'auto' is bf16 on a GPU that supports it, else fp32. fp16 on the CPU trains with torch's CPU GradScaler where
     torch has one (2.3+); inference refuses it (its plain Accelerator would silently run fp32 there)."""
-    from rock_dist.engine import runtime
-
     if choice == "auto":
         return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if choice not in _PRECISION_WORDS:
@@ -75,7 +79,7 @@ def resolve_precision(choice: str, device: DeviceKind, *, training: bool, flag: 
     if choice == "fp16" and device == "cpu":
         if not training:
             raise ConfigError(f"{flag} fp16 needs a GPU; on CPU use bf16 or no")
-        if not runtime.cpu_fp16_supported():
+        if not cpu_fp16_supported():
             raise ConfigError(f"{flag} fp16 on the CPU needs torch >= 2.3 (CPU GradScaler), this is "
                               f"{torch.__version__}; use bf16 or no")
     precision: Any = _PRECISION_WORDS[choice]
@@ -142,6 +146,13 @@ class RunPlan:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
+    def training_recipe(self, *, fold_bn: bool = False) -> Recipe:
+        """The recipe the trainer runs with (`engine.fast_path.training_recipe` of this plan's settings)."""
+        from rock_dist.engine.fast_path import training_recipe
+
+        return training_recipe(self.torch_device, precision=self.precision, channels_last=self.channels_last,
+                               compile=self.compile, fold_bn=fold_bn)
+
     @property
     def accelerate_precision(self) -> str:
         """The precision as Accelerate's `mixed_precision` argument ("no", "bf16", "fp16")."""
@@ -207,8 +218,8 @@ def resolve_run_plan(cfg: TrainConfig | EvaluateConfig | DetectConfig | BenchCon
         _check_inference_batch(cfg.batch_size)
         return RunPlan(device=device, precision="fp32", batch_size=cfg.batch_size)
     if isinstance(cfg, BenchConfig):
-        # The bench's 'auto' precision, compile and batch are its fast recipe's for the device (perf.recipes).
-        from rock_dist.perf.recipes import fast_recipe
+        # The bench's 'auto' precision, compile and batch are its fast recipe's for the device (engine.recipes).
+        from rock_dist.engine.recipes import fast_recipe
 
         fast = fast_recipe(device)
         precision = fast.precision if cfg.precision == "auto" else resolve_precision(
@@ -300,5 +311,5 @@ def eval_loader_spec(plan: RunPlan, split: str, num_workers: int) -> EvalLoaderS
 
 
 __all__ = ["DeviceKind", "BatchOrigin", "Postprocess", "RunPlan", "resolve_run_plan", "resolve_device", "check_layout",
-           "resolve_precision", "on_cuda_by_default", "cpu_forced_by_launcher", "launcher_layout",
+           "resolve_precision", "cpu_fp16_supported", "on_cuda_by_default", "cpu_forced_by_launcher", "launcher_layout",
            "dataset_vocabulary", "train_loader_spec", "eval_loader_spec"]

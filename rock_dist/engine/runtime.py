@@ -73,12 +73,6 @@ def local_accelerator(mixed_precision: str, *, cpu: bool, accumulation_steps: in
     return _accelerator(cpu=cpu, mixed_precision=mixed_precision, accumulation_steps=accumulation_steps, handlers=[])
 
 
-def cpu_fp16_supported() -> bool:
-    """Whether torch has fp16 autocast and a GradScaler for the CPU (torch 2.3 added `GradScaler("cpu")`)."""
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 3) and torch.amp.is_autocast_available("cpu")
-
-
 def _accelerator(*, cpu: bool, mixed_precision: str, accumulation_steps: int, handlers: list[Any],
                  log_with: list[Any] | None = None) -> Any:
     from accelerate import Accelerator
@@ -129,5 +123,5 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
-__all__ = ["make_accelerator", "inference_accelerator", "local_accelerator", "cpu_fp16_supported",
+__all__ = ["make_accelerator", "inference_accelerator", "local_accelerator",
            "seed_everything", "capture_rng_state", "restore_rng_state"]

@@ -63,7 +63,7 @@ from rock_dist.engine.distributed import (FAULT_ENV, any_rank, broadcast_buffers
                                           parse_fault_spec, state_digest)
 from rock_dist.engine import memory
 from rock_dist.engine.ema import ModelEma
-from rock_dist.engine.fast_path import prepare_model_for_training, training_recipe
+from rock_dist.engine.fast_path import prepare_model_for_training
 from rock_dist.engine.run_plan import (RunPlan, check_layout, eval_loader_spec, resolve_run_plan,
                                        train_loader_spec)
 from rock_dist.engine.runtime import capture_rng_state, make_accelerator, restore_rng_state, seed_everything
@@ -199,7 +199,7 @@ class Trainer:
         # The fast path is defined once, in rock_dist.engine.fast_path and engine.step (the benchmark measures the
         # same code): channels_last per the plan, fused Adam, and with --fold_backbone_bn the frozen backbone BNs
         # folded into their convs (weights are saved unfolded by checkpoint.model_state).
-        self.recipe = training_recipe(plan, fold_bn=cfg.fold_backbone_bn)
+        self.recipe = plan.training_recipe(fold_bn=cfg.fold_backbone_bn)
         self.plan: RunPlan = self._auto_batch_size(plan) if cfg.auto_batch_size else plan
 
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).

@@ -6,83 +6,21 @@ lists the intermediate recipes the benchmark measures so that each change is see
 type and the code that applies a recipe belong to the engine (`rock_dist.engine.fast_path`, `engine.step`), so the
 benchmark times exactly what training and inference run.
 
-Called by `rock_dist.bench`, `perf.train_bench`, `perf.infer_bench` and `perf.autotune` (which also uses the
-hardware probes `bf16_supported` and `amx_available`).
+Called by `rock_dist.bench`, `perf.train_bench`, `perf.infer_bench` and `perf.autotune`. The per-device choice
+(`fast_recipe`, `reference_recipe`, the hardware probes) is the engine's (`engine.recipes`), re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
 
-from rock_dist.engine.fast_path import REFERENCE_BATCH, Precision, Recipe, fused_adam_available
-
-# The batch the fast path uses on a GPU (docs/performance.md: 32 is where bf16 + compile pay off; 64 adds ~13 % more
-# but needs twice the memory, see `engine.memory.find_max_batch_size`).
-FAST_GPU_BATCH = 32
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast has hardware support on `device` (CUDA: compute capability >= 8.0; CPU: what oneDNN
-    reports, which does not mean it is faster than fp32 there — see `fast_recipe`)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def onednn_isa_cap() -> str:
-    """The ISA cap oneDNN runs under: ONEDNN_MAX_CPU_ISA (or the older DNNL_ name), upper-case; "ALL" when unset."""
-    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-
-
-def amx_available() -> bool:
-    """Whether the CPU has AMX tile units (Intel Sapphire Rapids and later). There oneDNN runs bf16 convolutions
-    2-3x faster than fp32 (README, performance); without AMX, bf16 autocast on a CPU is no faster, often slower."""
-    # A cap below AMX (e.g. AVX2, to imitate a CPU without tiles) means oneDNN's bf16 kernels run without them,
-    # however the CPU itself reports.
-    cap = onednn_isa_cap()
-    if cap != "ALL" and "AMX" not in cap:
-        return False
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent in some torch versions
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
-
-
-def reference_recipe(batch_size: int = REFERENCE_BATCH) -> Recipe:
-    """The reference implementation's recipe: fp32 eager, plain Adam, per-image CPU matching, pickle+PIL loader."""
-    return Recipe(name="reference", batch_size=batch_size)
-
-
-def fast_recipe(device: torch.device | str, batch_size: int | None = None) -> Recipe:
-    """rock_dist's default recipe on `device`.
-
-    On CUDA: bf16 autocast (if supported), channels_last, torch.compile, fused Adam, BN folding, batched matching on
-    the GPU, our loader, batch 32. For training, BN folding is the opt-in `--fold_backbone_bn` of rock_dist.train
-    (it changes the parametrisation the optimizer sees); for inference it is exact and always used. On a CPU: fused
-    Adam, BN folding, batched matching and our loader, plus bf16 autocast and channels_last where the CPU has AMX
-    (ResNet-18 at 240x320 on a 2-core Sapphire Rapids: 4.9 img/s fp32 → 13.0 img/s); without AMX the CPU stays fp32
-    and NCHW (no faster there). torch.compile stays off on CPUs: over a minute to compile, and slower on the 2-core
-    machine. The benchmark's ladder re-measures all of these on any machine.
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    cpu_bf16 = device.type == "cpu" and amx_available() and bf16_supported(device)
-    return Recipe(name="fast", batch_size=batch_size or (FAST_GPU_BATCH if cuda else REFERENCE_BATCH),
-                  precision="bf16" if (cuda and bf16_supported(device)) or cpu_bf16 else "fp32",
-                  channels_last=cuda or cpu_bf16,
-                  cudnn_benchmark=cuda, compile=cuda, fused_adam=fused_adam_available(device), fold_bn=True,
-                  device_matching=True, loader="rock_dist", num_workers=-1)
-
+from rock_dist.engine.fast_path import Precision, Recipe
+# The per-device choice lives with the engine; re-exported here for the benchmarks that name them from perf.
+from rock_dist.engine.recipes import (FAST_GPU_BATCH, amx_available, bf16_supported, fast_recipe, onednn_isa_cap,
+                                      reference_recipe)
 
 def ladder(device: torch.device | str, *, batch_size: int | None = None, compile: bool | None = None,
            precision: Precision | None = None) -> list[Recipe]:
