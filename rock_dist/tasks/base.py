@@ -182,6 +182,12 @@ class AuxTask(ABC):
         Default: every decoded field is there."""
         return all(fields.get(name) is not None for name in self.decoded_fields)
 
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random targets (`target_keys` -> batched tensor, maps at `target_size`) of a batch where every sample
+        has them, drawn from `generator` (rock_dist.engine.synthetic_batch: probes and tests without shards)."""
+        raise NotImplementedError(f"task {self.name!r} draws no synthetic targets")
+
     def sample_maps(self, fields: Mapping[str, Any], grid: MapGrid) -> dict[str, torch.Tensor]:
         """Map tasks: the target maps (batch key -> C x h x w) of one sample read at `grid`, with the value changes
         the geometry implies (a flip mirrors the grid; what it does to the values, e.g. the sign of a horizontal

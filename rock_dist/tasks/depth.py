@@ -136,6 +136,10 @@ class DepthTask(AuxTask):
         check_size(loc, "depth", depth, size)
         return {"depth_mm": depth}
 
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"depth": 0.5 + 4.0 * torch.rand(batch_size, 1, *target_size, generator=generator)}
+
     def sample_maps(self, fields: Mapping[str, Any], grid: MapGrid) -> dict[str, torch.Tensor]:
         """Depth in metres divided by the crop's zoom (docs/augmentation.md); 0 without depth."""
         if fields["depth_mm"] is None:

@@ -129,6 +129,11 @@ class NormalsTask(AuxTask):
     def present(self, fields: Mapping[str, Any]) -> bool:
         return fields["normals"] is not None
 
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        normals = F.normalize(torch.randn(batch_size, 3, *target_size, generator=generator), dim=1)
+        return {"normals": normals, "normals_mask": torch.ones(batch_size, 1, *target_size, dtype=torch.bool)}
+
     def sample_maps(self, fields: Mapping[str, Any], grid: MapGrid) -> dict[str, torch.Tensor]:
         """Normals n = v / 127.5 - 1, x negated by a flip, (x / zx, y / zy) for the zoom, renormalised, 0 where
         the mask is invalid; zeros (and an all-invalid mask) without normals."""

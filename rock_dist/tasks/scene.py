@@ -92,6 +92,10 @@ class SceneTask(AuxTask):
                 raise DataError(f"{loc}: scene.cls must be a non-negative scene id, got {scene}")
         return {"scene": scene}
 
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"scene": torch.randint(0, model_config.num_scenes, (batch_size,), generator=generator)}
+
     def present(self, fields: Mapping[str, Any]) -> bool:
         return fields["scene"] >= 0
 
