@@ -196,7 +196,9 @@ class AuxTask(ABC):
 
     def sample_maps_batched(self, batch: Mapping[str, Any], grid: BatchGrid) -> dict[str, torch.Tensor]:
         """Map tasks: `sample_maps` for a whole undecoded-geometry batch (its `raw_keys`, absent when no sample had
-        the target) in the same float32 operations, so the values are bit-identical."""
+        the target) in the same float32 operations, so the values are bit-identical. A sample without the target is
+        zero padding in the raw maps: its maps must still come out as `sample_maps`'s stand-ins (the presence flag
+        is in `batch`)."""
         raise NotImplementedError(f"task {self.name!r} has no dense target maps")
 
 
