@@ -36,7 +36,10 @@ Box convention (the reference's, shared with evaluation): a stored inclusive pix
 normalised as (x0 / W, y0 / H, x1 / W, y1 / H); evaluation maps back by multiplying with the stored size, which gives
 the COCO width x1 - x0 (docs/data_format.md, docs/evaluation.md).
 
-Auxiliary targets at (h, w), nearest sampling at pixel centres of the (cropped, flipped) maps:
+Auxiliary targets come from the registered tasks (rock_dist.tasks, docs/architecture.md "Auxiliary tasks"): each
+task decodes its own members (`AuxTask.decode`, fields of `DecodedSample`), says whether the sample has its target
+(the `has_*` flag) and, for dense targets, samples its maps at (h, w) on the index grid built here (`MapGrid`: nearest
+sampling at pixel centres of the cropped, flipped maps). The built-in tasks' rules:
 
 - depth (metres) divided by the crop zoom; normals decoded as n = v / 127.5 - 1, flip negates x, zoom applied,
   renormalised; normals are 0 where the mask is invalid and everywhere when the sample has no normals.
