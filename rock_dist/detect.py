@@ -9,8 +9,9 @@ image:
 - `<detection_output_path>/<stem>.png`: the image with boxes, class names and scores drawn, and one
   `<detection_output_path>/detections.json` with every image's boxes (pixel xyxy), scores, labels, class names
   (and the scene prediction when the model has one);
-- with --scene_output_path / --depth_output_path / --normals_output_path: the scene label on the image, the
-  colour-mapped depth, the RGB-coded normals, at the original image size.
+- with --scene_output_path / --depth_output_path / --normals_output_path (`--<task>_output_path`): the scene label on
+  the image, the colour-mapped depth, the RGB-coded normals, at the original image size (each task's
+  `original_picture`, rock_dist.tasks).
 Unreadable files are reported and skipped; the run goes on. --get_throughput reports end-to-end images/s from
 reading the file to the decoded, NMS-filtered boxes, with the device synchronised before each clock reading (the
 reference's timer was not synchronised and left decoding out).
@@ -30,13 +31,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rock_dist.cli import run_cli
 from rock_dist.config import DetectConfig, parse_config
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.fsutil import atomic_path, atomic_write_json
 from rock_dist.perf.timing import synchronize
+from rock_dist.tasks import registry
 
 DETECTIONS_JSON = "detections.json"
 
@@ -132,28 +133,28 @@ class Detector:
 
 def _aux_pictures(cfg: DetectConfig, im: LoadedImage, outputs: dict[str, torch.Tensor], index: int,
                   scene_types: Sequence[str], stem: str) -> dict[str, Any]:
-    """Write the requested scene/depth/normals pictures of one image; return its scene prediction (if any)."""
-    from rock_dist.engine.visualize import colorize_depth, normals_to_rgb, scene_picture
-
+    """Write the requested pictures of one image's auxiliary predictions (`--<task>_output_path`, each task's
+    `original_picture` at the original size); return what the tasks record about it (the scene prediction)."""
     info: dict[str, Any] = {}
-    size = tuple(im.original.shape[1:])
-    if "scene" in outputs:
-        probabilities = outputs["scene"][index].float().exp()
-        score, scene = (float(v) for v in probabilities.max(dim=0))
-        name = scene_types[int(scene)] if int(scene) < len(scene_types) else str(int(scene))
-        info["scene"] = {"id": int(scene), "name": name, "score": score}
-        if cfg.scene_output_path:
-            _save_png(scene_picture(im.original, name, score), Path(cfg.scene_output_path) / f"{stem}.png")
-    if cfg.depth_output_path and "depth" in outputs:
-        # Upsample the log depth (smooth in log space) to the original picture, then exponentiate.
-        log_depth = F.interpolate(outputs["depth"][index:index + 1].float(), size=size, mode="bilinear",
-                                  align_corners=False)
-        _save_png(colorize_depth(log_depth[0, 0].exp()), Path(cfg.depth_output_path) / f"{stem}.png")
-    if cfg.normals_output_path and "normals" in outputs:
-        normals = F.interpolate(outputs["normals"][index:index + 1].float(), size=size, mode="bilinear",
-                                align_corners=False)
-        _save_png(normals_to_rgb(normals[0]), Path(cfg.normals_output_path) / f"{stem}.png")
+    size = (int(im.original.shape[1]), int(im.original.shape[2]))
+    for task in registry.all_tasks():
+        if task.name not in outputs:
+            continue
+        prediction = outputs[task.name][index]
+        described = task.describe(prediction, scene_types)
+        if described is not None:
+            info[task.name] = described
+        folder = getattr(cfg, _output_flag(task.name)[2:], "")
+        picture = task.original_picture(prediction, size, image=im.original, scene_types=scene_types) \
+            if folder else None
+        if picture is not None:
+            _save_png(picture, Path(folder) / f"{stem}.png")
     return info
+
+
+def _output_flag(task: str) -> str:
+    """The command-line option naming the folder for a task's pictures (a DetectConfig field)."""
+    return f"--{task}_output_path"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan, runner, meta = load_for_inference(plan, device, cfg.model_path, no_rock=cfg.no_rock,
                                             aux_tasks=cfg.aux_tasks, given=given)
     model_config = plan.model
-    for flag, task in (("--scene_output_path", "scene"), ("--depth_output_path", "depth"),
-                       ("--normals_output_path", "normals")):
-        if getattr(cfg, flag[2:]) and task not in model_config.tasks:
+    for task in registry.names():
+        flag = _output_flag(task)
+        if getattr(cfg, flag[2:], "") and task not in model_config.tasks:
             raise ConfigError(f"{flag}: the model in {cfg.model_path} does not predict {task} "
                               f"(its tasks: {' '.join(model_config.tasks) or 'none, baseline SSD'})")
     class_names, scene_types = list(plan.class_names), list(plan.scene_types)
@@ -237,8 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             more = len(entry["scores"]) - len(shown)
             found = (f"{len(entry['scores'])} detection(s): " + ", ".join(shown) + (f", +{more} more" if more else "")
                      if shown else "no detection")
-            scene_text = f" [scene: {entry['scene']['name']}]" if "scene" in entry else ""
-            console.print(f"{im.path.name}: {found}{scene_text}")
+            # What the tasks recorded with a name (the scene type), e.g. " [scene: kitchen]".
+            task_text = "".join(f" [{task}: {entry[task]['name']}]" for task in registry.names()
+                                if isinstance(entry.get(task), dict) and "name" in entry[task])
+            console.print(f"{im.path.name}: {found}{task_text}")
 
     if inputs and not summary:
         raise DataError(f"--image_path {cfg.image_path}: none of its {len(inputs)} file(s) could be read as an image "

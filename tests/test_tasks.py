@@ -1,17 +1,26 @@
 """The auxiliary-task registry (rock_dist.tasks): the loss composed through it equals the previous hand-written
 composition, and a fourth task registered in a test is picked up by the ROCK block, the criterion, the global
-normalisation, the training step, task weighting, the metrics, the console and the pictures without other edits.
+normalisation, the training step, task weighting, the metrics, the console and the pictures without other edits, and
+by the data side: its shard member decoded, its dense map sampled and flipped by the training transform and by the
+batched device augmentation, collated, and drawn in synthetic batches.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import json
+import random
+from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 import torch
+from torchvision.io import encode_png
 
 from rock_dist.config import AUX_TASKS, LossConfig, ModelConfig
-from rock_dist.data.batch import prepare_batch
+from rock_dist.data.batch import collate, prepare_batch
+from rock_dist.data.device_augment import BatchAugment
+from rock_dist.data.members import quiet_torchvision_io
+from rock_dist.data.npy_member import encode_npy, read_npy
+from rock_dist.data.transforms import EvalTransform, TrainTransform, decode_sample
 from rock_dist.engine.console import format_losses
 from rock_dist.engine.fast_path import Recipe
 from rock_dist.engine.metrics import aggregate_aux_stats, aux_image_stats, aux_metric_names, format_aux_metric
@@ -23,7 +32,7 @@ from rock_dist.engine.tensorboard import prediction_pictures
 from rock_dist.model.builder import build_criterion, build_model
 from rock_dist.model.losses import compose_losses, depth_loss, detection_loss, normals_loss, scene_loss
 from rock_dist.tasks import registry
-from rock_dist.tasks.base import AuxTask, Batch, masked_mean
+from rock_dist.tasks.base import AuxTask, Batch, BatchGrid, MapGrid, masked_mean
 
 TINY = ModelConfig(backbone="resnet18", pretrained="none", image_size=(64, 64))
 
@@ -31,10 +40,37 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest: Acce
 
 
 class ConstantTask(AuxTask):
-    """A toy task: predict a constant per-pixel map `toy` (B x 1 x h x w) for the samples with `has_toy`."""
+    """A toy task: predict a per-pixel map `toy` (B x 1 x h x w) for the samples with `has_toy`. Its data side: a
+    shard member `toy.npy` (uint8 1 x H x W, decoded to the field `toy_map`), read as the signed horizontal quantity
+    (v - 128) / 128, so that a horizontal flip mirrors the map and negates its values (like the normals' x)."""
 
     name, presence_key, target_keys, record_key = "toy", "has_toy", ("toy",), "toy_error"
     reference_weight, metric_names = 0.5, {"toy_mae": "toy mean absolute error"}
+    target_kind = "map"
+    decoded_fields = {"toy_map": None}
+    raw_keys = {"toy_map": "raw_toy"}
+
+    def decode(self, raw: Mapping[str, Any], size: tuple[int, int], loc: str) -> dict[str, Any]:
+        return {"toy_map": torch.from_numpy(read_npy(bytes(raw["toy.npy"]))) if "toy.npy" in raw else None}
+
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"toy": torch.full((batch_size, 1, *target_size), 0.25)}
+
+    def sample_maps(self, fields: Mapping[str, Any], grid: MapGrid) -> dict[str, torch.Tensor]:
+        if fields["toy_map"] is None:
+            return {"toy": torch.zeros(1, len(grid.rows), len(grid.cols))}
+        sign = -1.0 if grid.geom.flip else 1.0
+        return {"toy": (grid.gather(fields["toy_map"]).float() - 128.0) * (sign / 128.0)}
+
+    def sample_maps_batched(self, batch: Mapping[str, Any], grid: BatchGrid) -> dict[str, torch.Tensor]:
+        if "raw_toy" not in batch:
+            return {"toy": torch.zeros(len(grid.geoms), 1, *grid.size)}
+        bi, rows, cols = grid.index
+        # A sample without the member is zero padding in `raw_toy`: its map must be the per-sample stand-in, 0.
+        sign = torch.tensor([-1.0 if g.flip else 1.0 for g in grid.geoms]) * batch["has_toy"]
+        sign = sign[:, None, None]
+        return {"toy": ((batch["raw_toy"][bi, 0, rows, cols].float() - 128.0) * (sign / 128.0)).unsqueeze(1)}
 
     def channels(self, num_scenes: int) -> int:
         return 4
@@ -162,6 +198,51 @@ def test_a_registered_fourth_task_is_trained_counted_weighted_measured_and_drawn
     pictures = prediction_pictures(model, raw["images"], batch["images"], batch, class_names=["bg"] * 20,
                                    scene_types=["room"] * 27, loss_config=LossConfig(), max_images=2)
     assert pictures["toy"].shape[0] == 3 and "depth_pred" in pictures
+
+
+def _raw_sample(index: int, toy_map: torch.Tensor | None) -> dict[str, Any]:
+    """The members of one shard sample (12 x 16 PNG image, one box), with a `toy.npy` member when `toy_map`."""
+    with quiet_torchvision_io():
+        png = encode_png(torch.full((3, 12, 16), 90, dtype=torch.uint8)).numpy().tobytes()
+    raw: dict[str, Any] = {"__key__": f"s{index}", "rgb.png": png,
+                           "json": json.dumps({"image_id": index, "height": 12, "width": 16,
+                                               "boxes": [[2, 2, 9, 8]], "labels": [1]}).encode()}
+    if toy_map is not None:
+        raw["toy.npy"] = encode_npy(toy_map.numpy())
+    return raw
+
+
+def test_a_registered_task_s_map_is_decoded_sampled_flipped_and_collated(toy: ConstantTask) -> None:
+    """The toy member is decoded by the task, sampled at the target size by the transforms, mirrored and negated by
+    a flip, collated with its presence flag, and the batched device step gives the workers' values."""
+    toy_map = (100 + 10 * torch.arange(16, dtype=torch.uint8)).expand(1, 12, 16).contiguous()  # a left-right ramp
+    with_toy, without = decode_sample(_raw_sample(0, toy_map)), decode_sample(_raw_sample(1, None))
+    assert torch.equal(with_toy.toy_map, toy_map) and without.toy_map is None
+
+    # Centre sampling of 16 columns at 4: columns 2, 6, 10, 14 hold 120, 160, 200, 240.
+    plain = EvalTransform((12, 16), (3, 4))(with_toy)["toy"]
+    assert torch.equal(plain, torch.tensor([-8.0, 32.0, 72.0, 112.0]).expand(1, 3, 4) / 128)
+    flip = TrainTransform((12, 16), (3, 4), no_crops=True, flip_p=1.0, jitter="none")
+    flipped = flip(with_toy, random.Random(0))
+    assert torch.equal(flipped["toy"], -plain.flip(-1)) and flipped["has_toy"]
+
+    batch = collate([flipped, flip(without, random.Random(1))])
+    assert batch["has_toy"].tolist() == [True, False]
+    assert torch.equal(batch["toy"][0], flipped["toy"]) and not batch["toy"][1].any()
+
+    # Random crops and flips: the device step, from the same draws, gives the workers' maps bit for bit.
+    samples = [with_toy, without, with_toy, with_toy]
+    workers = TrainTransform((12, 16), (3, 4), jitter="none")
+    device = TrainTransform((12, 16), (3, 4), jitter="none", defer_augment=True)
+    wb = collate([workers(s, random.Random(i)) for i, s in enumerate(samples)])
+    db = collate([device(s, random.Random(i)) for i, s in enumerate(samples)])
+    assert db["raw_toy"].shape == (4, 1, 12, 16) and "toy" not in db
+    out = BatchAugment("cpu", (12, 16), (3, 4))(db)
+    assert "raw_toy" not in out and torch.equal(out["toy"], wb["toy"])
+    assert torch.equal(out["has_toy"], wb["has_toy"]) and wb["toy"][[0, 2, 3]].abs().sum() > 0
+
+    synthetic = synthetic_batch(2, TINY)  # the task draws its own synthetic targets
+    assert synthetic["has_toy"].all() and synthetic["toy"].shape == synthetic["depth"].shape
 
 
 def test_the_training_step_and_task_weighting_take_a_registered_task(toy: ConstantTask) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from rock_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rock_dist.tasks import registry
 
 
 def _empty_like_batch(first: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -62,6 +63,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Boxes are padded to M = max(1, most boxes in the batch) with label 0; M >= 1 keeps every shape non-empty so
     that matching code needs no special case for a batch without objects.
+    The auxiliary tasks' keys come from the registry (rock_dist.tasks): each label task's `target_keys` (as its
+    `label_dtype`), every task's presence flag (bool B), each map task's `target_keys` stacked (or, deferred, its
+    `raw_keys` padded).
     Shapes: images uint8 B x 3 x H x W, boxes float32 B x M x 4, labels int64 B x M, scene int64 B, has_* bool B,
     depth float32 B x 1 x h x w, normals float32 B x 3 x h x w, normals_mask bool B x 1 x h x w, image_id int64 B,
     orig_size int64 B x 2; plus color_jitter float32 B x 8 when the transform deferred the colour jitter to the
@@ -81,16 +85,18 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             boxes[i, :n] = s["boxes"]
             labels[i, :n] = s["labels"]
     deferred = any("jpeg_geometry" in s for s in samples)
-    out: dict[str, Any] = {  # tensors, and the list of JPEG tensors with deferred decoding
-        "boxes": boxes,
-        "labels": labels,
-        "scene": torch.tensor([int(s["scene"]) for s in samples], dtype=torch.int64),
-        "has_scene": torch.tensor([bool(s["has_scene"]) for s in samples], dtype=torch.bool),
-        "has_depth": torch.tensor([bool(s["has_depth"]) for s in samples], dtype=torch.bool),
-        "has_normals": torch.tensor([bool(s["has_normals"]) for s in samples], dtype=torch.bool),
-        "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
-        "orig_size": torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.int64),
-    }
+    tasks = [task for task in registry.all_tasks() if task.target_kind is not None]
+    out: dict[str, Any] = {"boxes": boxes, "labels": labels}  # tensors, and the list of JPEG tensors (deferred)
+    # The tasks' per-image values (labels, then presence flags: the key order of `transforms.task_values`).
+    for task in tasks:
+        if task.target_kind == "label":
+            out.update((key, torch.tensor([s[key] for s in samples], dtype=task.label_dtype))
+                       for key in task.target_keys)
+    for task in tasks:
+        out[task.presence_key] = torch.tensor([bool(s[task.presence_key]) for s in samples], dtype=torch.bool)
+    out.update(image_id=torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
+               orig_size=torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.int64))
+    maps = [task for task in tasks if task.target_kind == "map"]
     if "augment_geometry" in samples[0]:
         # Augmentation deferred to the training device (rock_dist.data.device_augment): the decoded sample, padded,
         # with its crop / flip and the crop's kept-box mask.
@@ -98,14 +104,13 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for i, s in enumerate(samples):
             keep[i, :int(s["box_keep"].shape[0])] = s["box_keep"]
         out.update(augment_geometry=torch.stack([s["augment_geometry"] for s in samples]), box_keep=keep)
-        for key in ("raw_image", "raw_depth", "raw_normals", "raw_mask"):
+        for key in ("raw_image", *(key for task in maps for key in task.raw_keys.values())):
             padded = _pad_stack([s[key] for s in samples])
             if padded is not None:
                 out[key] = padded
     else:
-        out.update(depth=torch.stack([s["depth"] for s in samples]),
-                   normals=torch.stack([s["normals"] for s in samples]),
-                   normals_mask=torch.stack([s["normals_mask"] for s in samples]))
+        for key in (key for task in maps for key in task.target_keys):
+            out[key] = torch.stack([s[key] for s in samples])
     if deferred:
         # Decoding deferred to the main process (rock_dist.data.device_decode): each entry is a JPEG's bytes (1-D)
         # with its crop and flip, or an image the worker finished (a PNG sample, 3-D; its geometry row unused).

@@ -5,28 +5,30 @@ Called by `rock_dist.data.pipeline.TrainStream`, which maps `BatchAugment` over 
 `rock_dist.data.device_decode` when JPEGs are decoded on the GPU), and by the data benchmark. Two kinds of batches
 arrive (docs/augmentation.md, docs/data_pipeline.md):
 
-- `--augment_on workers`: the workers cropped, flipped and resized each sample and built its targets, and only drew
-  the colour jitter (batch key `color_jitter`, B x 8). This step moves the images to the device and applies the
-  jitter there (`transforms.apply_color_jitter`): the costliest CPU operation, ~free on a GPU.
+- `--augment_on workers`: the workers cropped, flipped and resized each sample and built its targets, and only drew the
+  colour jitter (batch key `color_jitter`, B x 8). This step moves the images to the device and applies the jitter there
+  (`transforms.apply_color_jitter`): the costliest CPU operation, ~free on a GPU.
 - `--augment_on device`: the workers only decoded and drew every random parameter with the same RNG draws as the
   per-sample path (crop, flip, jitter: resume and exact replay are unchanged), and shipped the decoded sample
-  (`raw_image`, `raw_depth`, `raw_normals`, `raw_mask`, zero-padded to the largest size in the batch, each sample's
-  own size in `orig_size`), its crop and flip (`augment_geometry`, B x 5: x0, y0, x1, y1, flip) and the crop's
-  kept-box mask (`box_keep`). This step does the rest batched:
+  (`raw_image` and each map task's stored maps under its `raw_keys`, e.g. `raw_depth`, `raw_normals`, `raw_mask`,
+  zero-padded to the largest size in the batch, each sample's own size in `orig_size`), its crop and flip
+  (`augment_geometry`, B x 5: x0, y0, x1, y1, flip) and the crop's kept-box mask (`box_keep`). This step does the rest
+  batched:
   * RGB: crop + flip + resize as two separable resampling passes (rows, then columns), each a few gathers with
-    per-sample taps and weights computed on the host: the antialiased bilinear filter of the workers' resize
-    (torch's antialias=True weights, so upscaling is plain bilinear and downscaling is filtered, as in the workers),
-    rounded to uint8. It differs from the workers' uint8 resize by float rounding only (at most 1 grey level;
+    per-sample taps and weights computed on the host: the antialiased bilinear filter of the workers' resize (torch's
+    antialias=True weights, so upscaling is plain bilinear and downscaling is filtered, as in the workers), rounded to
+    uint8. It differs from the workers' uint8 resize by float rounding only (at most 1 grey level;
     tests/test_device_augment.py). Gathering by index instead of one `grid_sample` keeps the crop's edges clamped
     exactly as the per-sample crop-then-resize does and never materialises a B x H x W x 2 sampling grid.
-  * depth and normals: nearest sampling at pixel centres with `transforms.centre_indices` (the workers' indices, so
-    the values are exactly the workers'), zoom, flip (normals' x negated) and renormalisation in the same float32
-    operations as `transforms.sample_aux_maps`.
-  * normals mask: gathered on the HOST from the host batch, because `engine.normalization.micro_batch_counts` counts
-    its valid pixels on the host before the step (reading it back from the device would add a synchronisation).
-  * boxes: clipped to the crop, re-normalised, flipped and filtered as padded B x M tensors with `box_keep` (kept
-    boxes first in their order, label 0 after them: the padding of `collate`), on the device; prior matching then
-    runs batched on the device in the criterion (`model.losses`, `boxes.match_priors`), as for every batch.
+  * the auxiliary tasks' dense maps (depth, normals, ...): nearest sampling at pixel centres with
+    `transforms.centre_indices` (the workers' indices, so the values are exactly the workers'), given to each map task
+    (`AuxTask.sample_maps_batched`, rock_dist.tasks) as a `BatchGrid`; the task applies its zoom, flip (the normals' x
+    negated) and renormalisation in the same float32 operations as its per-sample `sample_maps`. The normals mask is
+    gathered on the HOST from the host batch, because `engine.normalization.micro_batch_counts` counts its valid pixels
+    on the host before the step (reading it back from the device would add a synchronisation).
+  * boxes: clipped to the crop, re-normalised, flipped and filtered as padded B x M tensors with `box_keep` (kept boxes
+    first in their order, label 0 after them: the padding of `collate`), on the device; prior matching then runs batched
+    on the device in the criterion (`model.losses`, `boxes.match_priors`), as for every batch.
   Then the colour jitter as above. The result has exactly the keys and shapes of a workers batch.
 """
 
@@ -39,6 +41,8 @@ import torch
 
 from rock_dist.data.transforms import Geometry, apply_color_jitter, centre_indices
 from rock_dist.errors import ConfigError
+from rock_dist.tasks import registry
+from rock_dist.tasks.base import BatchGrid
 
 Size = tuple[int, int]
 AugmentOn = Literal["workers", "device", "auto"]
@@ -138,7 +142,8 @@ class BatchAugment:
     def geometry(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Crop, flip, resize and targets of a deferred batch (colour jitter left in `color_jitter`)."""
         dev = self.device
-        out = {k: v for k, v in batch.items() if k not in _RAW_KEYS}
+        raw_keys = _raw_keys()
+        out = {k: v for k, v in batch.items() if k not in raw_keys}
         geo = batch["augment_geometry"]  # host data, as are all the per-sample numbers derived from it below
         x0, y0, x1, y1, flip = geo.unbind(1)
         flip = flip.bool()
@@ -159,36 +164,19 @@ class BatchAugment:
         rows = centre_indices(y0, y1 - y0, h, torch.zeros_like(flip))[:, :, None]  # B x h x 1
         cols = centre_indices(x0, x1 - x0, w, flip)[:, None, :]  # B x 1 x w
         bi = torch.arange(B)[:, None, None]
-        zoom = torch.tensor([[0.001 / g.zoom, (-1.0 if g.flip else 1.0) / g.zoom_xy[0], g.zoom_xy[1]]
-                             for g in geoms], dtype=torch.float64).to(torch.float32).to(dev)
-        d_bi, d_rows, d_cols = bi.to(dev), rows.to(dev), cols.to(dev)
-        if "raw_depth" in batch:
-            # uint16 has few device kernels: gather its bits as int16, then read them back unsigned.
-            raw_depth = batch["raw_depth"].view(torch.int16).to(dev, non_blocking=True)
-            mm = raw_depth[d_bi, 0, d_rows, d_cols].to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
-            out["depth"] = mm.mul_(zoom[:, 0, None, None]).unsqueeze(1)
-        else:
-            out["depth"] = torch.zeros(B, 1, h, w, device=dev)
-        if "raw_normals" in batch and "raw_mask" in batch:
-            mask = (batch["raw_mask"][bi, 0, rows, cols] > 0).unsqueeze(1)  # on the host: micro_batch_counts
-            raw_normals = batch["raw_normals"].to(dev, non_blocking=True)
-            n = raw_normals.permute(0, 2, 3, 1)[d_bi, d_rows, d_cols].permute(0, 3, 1, 2)
-            # Contiguous like the per-sample map: the norm below then sums its 3 channels in the same order.
-            n = n.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
-            n[:, 0].mul_(zoom[:, 1, None, None])
-            n[:, 1].div_(zoom[:, 2, None, None])
-            n = n / n.norm(dim=1, keepdim=True).clamp_(min=1e-6)
-            out["normals"] = n * mask.to(dev, non_blocking=True)
-            out["normals_mask"] = mask
-        else:
-            out["normals"] = torch.zeros(B, 3, h, w, device=dev)
-            out["normals_mask"] = torch.zeros(B, 1, h, w, dtype=torch.bool)
+        grid = BatchGrid((bi, rows, cols), (bi.to(dev), rows.to(dev), cols.to(dev)), geoms, dev, (h, w))
+        for task in registry.all_tasks():
+            if task.target_kind == "map":
+                out.update(task.sample_maps_batched(batch, grid))
 
         out["boxes"], out["labels"] = _crop_flip_boxes(batch, geoms, flip, dev)
         return out
 
 
-_RAW_KEYS = ("raw_image", "raw_depth", "raw_normals", "raw_mask", "augment_geometry", "box_keep")
+def _raw_keys() -> tuple[str, ...]:
+    """Keys only an undecoded-geometry batch carries: the image's, the map tasks' stored maps, the parameters."""
+    maps = tuple(key for task in registry.all_tasks() for key in task.raw_keys.values())
+    return ("raw_image", *maps, "augment_geometry", "box_keep")
 
 
 def _crop_flip_boxes(batch: Mapping[str, Any], geoms: list[Geometry], flip: torch.Tensor, dev: torch.device

@@ -23,7 +23,8 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from rock_dist.data.transforms import Geometry, _quiet_torchvision_io, crop_flip_resize, decode_rgb
+from rock_dist.data.members import quiet_torchvision_io
+from rock_dist.data.transforms import Geometry, crop_flip_resize, decode_rgb
 from rock_dist.errors import DataError
 
 Size = tuple[int, int]
@@ -66,7 +67,7 @@ def _decode_many(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return [decode_rgb(d) for d in data]
     from torchvision.io import decode_jpeg
 
-    with _quiet_torchvision_io():
+    with quiet_torchvision_io():
         images = decode_jpeg(data, device=device)  # one batched nvJPEG call
     return [im.expand(3, -1, -1).contiguous() if im.shape[0] == 1 else im for im in images]
 

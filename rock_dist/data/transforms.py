@@ -36,7 +36,10 @@ Box convention (the reference's, shared with evaluation): a stored inclusive pix
 normalised as (x0 / W, y0 / H, x1 / W, y1 / H); evaluation maps back by multiplying with the stored size, which gives
 the COCO width x1 - x0 (docs/data_format.md, docs/evaluation.md).
 
-Auxiliary targets at (h, w), nearest sampling at pixel centres of the (cropped, flipped) maps:
+Auxiliary targets come from the registered tasks (rock_dist.tasks, docs/architecture.md "Auxiliary tasks"): each
+task decodes its own members (`AuxTask.decode`, fields of `DecodedSample`), says whether the sample has its target
+(the `has_*` flag) and, for dense targets, samples its maps at (h, w) on the index grid built here (`MapGrid`: nearest
+sampling at pixel centres of the cropped, flipped maps). The built-in tasks' rules:
 
 - depth (metres) divided by the crop zoom; normals decoded as n = v / 127.5 - 1, flip negates x, zoom applied,
   renormalised; normals are 0 where the mask is invalid and everywhere when the sample has no normals.
@@ -56,20 +59,20 @@ Auxiliary targets at (h, w), nearest sampling at pixel centres of the (cropped, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
-import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-from rock_dist.data.npy_member import AUX_LAYOUT, read_npy
+from rock_dist.data.members import aux_member, bytes_tensor, quiet_torchvision_io
 from rock_dist.errors import DataError
+from rock_dist.tasks import registry
+from rock_dist.tasks.base import MapGrid
 
 Size = tuple[int, int]
 
@@ -95,27 +98,42 @@ RGB_MEMBERS = ("rgb.jpg", "rgb.png")
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
-@dataclass
 class DecodedSample:
     """One shard sample decoded to tensors at its stored resolution (nothing resized yet).
 
-    image: uint8 3 x H x W; boxes: float32 N x 4 normalised xyxy (x0/W, y0/H, x1/W, y1/H); labels: int64 N;
-    depth_mm: uint16 1 x H x W or None; normals: uint8 3 x H x W (v = 127.5 (n + 1)) or None;
-    normals_mask: uint8 1 x H x W (0 invalid) or None; scene: scene id or -1.
+    image: uint8 3 x H x W; boxes: float32 N x 4 normalised xyxy (x0/W, y0/H, x1/W, y1/H); labels: int64 N; and
+    `fields`, what each auxiliary task decoded from its members (rock_dist.tasks: `AuxTask.decode`, e.g. depth_mm
+    uint16 1 x H x W or None; normals uint8 3 x H x W and normals_mask uint8 1 x H x W or None; scene id or -1),
+    also readable and writable as attributes (`s.depth_mm`). A field a task declares but the constructor was not
+    given takes the task's absent value.
     With `decode_sample(..., defer_jpeg=True)` a JPEG image stays undecoded: `image` holds its bytes (uint8 1-D) and
     `encoded_size` its (H, W) from the JPEG header (`rock_dist.data.device_decode` decodes it later).
     """
 
-    key: str
-    image_id: int
-    image: torch.Tensor
-    boxes: torch.Tensor
-    labels: torch.Tensor
-    depth_mm: torch.Tensor | None
-    normals: torch.Tensor | None
-    normals_mask: torch.Tensor | None
-    scene: int
-    encoded_size: Size | None = None
+    def __init__(self, key: str, image_id: int, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                 encoded_size: Size | None = None, **fields: Any) -> None:
+        self.key = key
+        self.image_id = image_id
+        self.image = image
+        self.boxes = boxes
+        self.labels = labels
+        self.encoded_size = encoded_size
+        absent = {name: value for task in registry.all_tasks() for name, value in task.decoded_fields.items()}
+        self.fields: dict[str, Any] = {**absent, **fields}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not plain attributes; __dict__ lookup avoids recursion while unpickling.
+        fields = self.__dict__.get("fields")
+        if fields is not None and name in fields:
+            return fields[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or decoded field {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = self.__dict__.get("fields")
+        if fields is not None and name in fields:
+            fields[name] = value
+        else:
+            super().__setattr__(name, value)
 
     @property
     def size(self) -> Size:
@@ -127,50 +145,6 @@ class DecodedSample:
     def deferred(self) -> bool:
         """Whether `image` is still the JPEG's bytes."""
         return self.encoded_size is not None
-
-
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    # frombuffer needs a writable buffer to avoid a warning; bytearray costs one memcpy, far below decode time.
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-@contextlib.contextmanager
-def _quiet_torchvision_io() -> Iterator[None]:
-    """torchvision 0.29 marks torchvision.io's decoders deprecated in favour of TorchCodec (not part of our pinned
-    stack); they work and are the fastest decoders here, but warn on every call. Scoped, so that test runners (which
-    reset warning filters) stay quiet too."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
-        yield
-
-
-# PNG read mode per auxiliary member (its tensor layout is npy_member.AUX_LAYOUT).
-_PNG_MODE: dict[str, ImageReadMode] = {"depth": ImageReadMode.UNCHANGED, "normals": ImageReadMode.RGB,
-                                       "mask": ImageReadMode.GRAY}
-
-
-def aux_member(raw: Mapping[str, Any], name: str, loc: str) -> torch.Tensor | None:
-    """The C x H x W tensor of auxiliary member `name` ('depth', 'normals', 'mask') stored as .png or .npy (the
-    shard builder's --aux_format); None when the sample has neither. DataError on the wrong dtype or channels."""
-    type_name, channels = AUX_LAYOUT[name]
-    dtype = getattr(torch, type_name)
-    if f"{name}.npy" in raw:
-        if f"{name}.png" in raw:
-            raise DataError(f"{loc}: both {name}.png and {name}.npy; a sample holds one of them")
-        tensor = torch.from_numpy(read_npy(bytes(raw[f"{name}.npy"])))
-        member = f"{name}.npy"
-    elif f"{name}.png" in raw:
-        with _quiet_torchvision_io():
-            tensor = decode_png(_bytes_tensor(raw[f"{name}.png"]), mode=_PNG_MODE[name])
-        member = f"{name}.png"
-    else:
-        return None
-    if tensor.dtype != dtype or tensor.ndim != 3 or tensor.shape[0] != channels:
-        kind = {"depth": "16-bit single-channel (millimetres)", "normals": "8-bit RGB",
-                "mask": "8-bit single-channel"}[name]
-        raise DataError(f"{loc}: {member} must be {kind}, got {tensor.dtype} of shape {tuple(tensor.shape)}")
-    return tensor
 
 
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
@@ -205,13 +179,13 @@ def decode_sample(raw: Mapping[str, Any], *, where: str = "", defer_jpeg: bool =
     shard for error messages. Absent optional members become None / -1; malformed members raise DataError.
     `defer_jpeg`: leave an rgb.jpg undecoded (its size read from the header; see `DecodedSample`).
     """
-    with _quiet_torchvision_io():
+    with quiet_torchvision_io():
         return _decode_sample(raw, where, defer_jpeg)
 
 
 def decode_rgb(data: torch.Tensor, *, device: torch.device | str = "cpu") -> torch.Tensor:
     """An RGB JPEG's bytes (uint8 1-D) as uint8 3 x H x W on `device` (grey JPEGs repeated to 3 channels)."""
-    with _quiet_torchvision_io():
+    with quiet_torchvision_io():
         image = decode_jpeg(data, device=device)
     return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
 
@@ -228,7 +202,7 @@ def _decode_sample(raw: Mapping[str, Any], where: str, defer_jpeg: bool = False)
                         "`python -m rock_dist.shards build`")
     try:
         meta = json.loads(raw["json"])
-        data = _bytes_tensor(raw[rgb_name])
+        data = bytes_tensor(raw[rgb_name])
         encoded_size = None
         if defer_jpeg and rgb_name.endswith("jpg"):
             image = data
@@ -246,27 +220,17 @@ def _decode_sample(raw: Mapping[str, Any], where: str, defer_jpeg: bool = False)
             raise DataError(f"{loc}: class labels must be >= 1 (0 is background), got {labels.tolist()}")
         boxes = boxes_px / torch.tensor([W, H, W, H], dtype=torch.float32)
 
-        depth = aux_member(raw, "depth", loc)
-        normals = aux_member(raw, "normals", loc)
-        mask = aux_member(raw, "mask", loc)
-        if (normals is None) != (mask is None):
-            raise DataError(f"{loc}: the normals and mask members must be present together")
-        for name, t in (("depth", depth), ("normals", normals), ("mask", mask)):
-            if t is not None and tuple(t.shape[1:]) != (H, W):
-                raise DataError(f"{loc}: {name} is {t.shape[1]}x{t.shape[2]}, image is {H}x{W}")
-        scene = -1
-        if "scene.cls" in raw:
-            scene = int(bytes(raw["scene.cls"]).decode("ascii").strip())
-            if scene < 0:
-                raise DataError(f"{loc}: scene.cls must be a non-negative scene id, got {scene}")
+        fields: dict[str, Any] = {}
+        for task in registry.all_tasks():
+            fields.update(task.decode(raw, (H, W), loc))
         image_id = int(meta["image_id"])
     except DataError:
         raise
     except (RuntimeError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise DataError(f"{loc}: cannot decode ({type(err).__name__}: {err}); the shard is corrupt — rebuild it "
                         "or check it with `python -m rock_dist.shards verify`") from err
-    return DecodedSample(key=key, image_id=image_id, image=image, boxes=boxes, labels=labels, depth_mm=depth,
-                         normals=normals, normals_mask=mask, scene=scene, encoded_size=encoded_size)
+    return DecodedSample(key=key, image_id=image_id, image=image, boxes=boxes, labels=labels,
+                         encoded_size=encoded_size, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------- geometry
@@ -380,32 +344,28 @@ def _centre_indices(start: int, length: int, n: int, flip: bool) -> torch.Tensor
 
 
 def sample_aux_maps(s: DecodedSample, geom: Geometry, target_size: Size) -> dict[str, torch.Tensor]:
-    """Depth / normals / mask targets at `target_size` (h, w) following `geom` (crop, flip, zoom).
-
-    Returns depth float32 1 x h x w (metres / zoom, 0 if missing), normals float32 3 x h x w (unit, 0 where invalid
-    or missing), normals_mask bool 1 x h x w.
+    """The dense targets of every map task (`AuxTask.sample_maps`) at `target_size` (h, w) following `geom` (crop,
+    flip, zoom): e.g. depth float32 1 x h x w (metres / zoom, 0 if missing), normals float32 3 x h x w (unit, 0
+    where invalid or missing), normals_mask bool 1 x h x w.
     """
     h, w = target_size
     rows = _centre_indices(geom.y0, geom.y1 - geom.y0, h, False)
     cols = _centre_indices(geom.x0, geom.x1 - geom.x0, w, geom.flip)
-    # Gathering only h*w pixels is what makes full-resolution aux maps cheap: no full-size resize or flip.
-    ri, ci = rows[:, None], cols[None, :]
-    if s.depth_mm is not None:
-        depth = s.depth_mm[:, ri, ci].to(torch.float32) * (0.001 / geom.zoom)
-    else:
-        depth = torch.zeros(1, h, w)
-    if s.normals is not None and s.normals_mask is not None:
-        n = s.normals[:, ri, ci].to(torch.float32).div_(127.5).sub_(1.0)
-        zx, zy = geom.zoom_xy
-        n[0].mul_((-1.0 if geom.flip else 1.0) / zx)
-        n[1].div_(zy)
-        mask = s.normals_mask[:, ri, ci] > 0
-        n = n / n.norm(dim=0, keepdim=True).clamp_(min=1e-6)
-        n = n * mask
-    else:
-        n = torch.zeros(3, h, w)
-        mask = torch.zeros(1, h, w, dtype=torch.bool)
-    return {"depth": depth, "normals": n, "normals_mask": mask}
+    grid = MapGrid(rows, cols, geom)
+    out: dict[str, torch.Tensor] = {}
+    for task in registry.all_tasks():
+        if task.target_kind == "map":
+            out.update(task.sample_maps(s.fields, grid))
+    return out
+
+
+def task_values(s: DecodedSample) -> dict[str, Any]:
+    """The per-image values of the tasks: each label task's label, then every task's presence flag (docs/data_format.md
+    key order: labels, flags)."""
+    tasks = [task for task in registry.all_tasks() if task.target_kind is not None]
+    out = {key: s.fields[key] for task in tasks if task.target_kind == "label" for key in task.target_keys}
+    out.update((task.presence_key, task.present(s.fields)) for task in tasks)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- colour
@@ -540,10 +500,7 @@ def _finish(s: DecodedSample, image: torch.Tensor, boxes: torch.Tensor, labels: 
         "image": image,
         "boxes": boxes.clamp_(0.0, 1.0),
         "labels": labels,
-        "scene": s.scene,
-        "has_scene": s.scene >= 0,
-        "has_depth": s.depth_mm is not None,
-        "has_normals": s.normals is not None,
+        **task_values(s),
         **aux,
         "image_id": s.image_id,
         "orig_size": s.size,
@@ -556,11 +513,11 @@ def deferred_sample(s: DecodedSample, geom: Geometry, keep: torch.Tensor, jitter
     """The sample as decoded plus the parameters drawn for it (`--augment_on device`): its crop and flip, the crop's
     kept-box mask `keep` and the jitter parameters (None: no jitter). `rock_dist.data.batch.collate` pads the maps;
     the batched step of `rock_dist.data.device_augment` crops, flips, resizes and samples the targets."""
-    out = {"raw_image": s.image, "raw_depth": s.depth_mm, "raw_normals": s.normals, "raw_mask": s.normals_mask,
-           "boxes": s.boxes, "labels": s.labels, "box_keep": keep,
+    raw = {key: s.fields[field] for task in registry.all_tasks() if task.target_kind == "map"
+           for field, key in task.raw_keys.items()}
+    out = {"raw_image": s.image, **raw, "boxes": s.boxes, "labels": s.labels, "box_keep": keep,
            "augment_geometry": torch.tensor([geom.x0, geom.y0, geom.x1, geom.y1, int(geom.flip)], dtype=torch.int64),
-           "scene": s.scene, "has_scene": s.scene >= 0, "has_depth": s.depth_mm is not None,
-           "has_normals": s.normals is not None, "image_id": s.image_id, "orig_size": s.size, "geometry": geom}
+           **task_values(s), "image_id": s.image_id, "orig_size": s.size, "geometry": geom}
     if jitter is not None:
         out["color_jitter"] = jitter
     return out
@@ -652,7 +609,7 @@ class EvalTransform:
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DecodedSample", "decode_sample", "aux_member", "Geometry", "sample_ssd_crop",
-    "crop_boxes", "flip_boxes", "centre_indices", "sample_aux_maps", "adjust_hue", "draw_jitter_params",
+    "crop_boxes", "flip_boxes", "centre_indices", "sample_aux_maps", "task_values", "adjust_hue", "draw_jitter_params",
     "apply_color_jitter", "color_jitter", "crop_flip_resize", "deferred_sample", "decode_rgb", "jpeg_size",
     "TrainTransform", "EvalTransform",
 ]

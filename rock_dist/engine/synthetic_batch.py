@@ -10,11 +10,14 @@ from typing import Any
 
 import torch
 
+from rock_dist.tasks import registry
+
 
 def synthetic_batch(batch_size: int, model_config: Any, *, seed: int = 0, max_boxes: int = 6) -> dict[str, Any]:
     """A random CPU batch in the docs/data_format.md format for `model_config` (used where no shards are at hand).
 
-    images uint8 B x 3 x H x W; 1..max_boxes random boxes per image (normalised xyxy); every modality present.
+    images uint8 B x 3 x H x W; 1..max_boxes random boxes per image (normalised xyxy); every task's target present
+    (`AuxTask.synthetic_targets`).
     """
     from rock_dist.model.priors import feature_map_sizes
 
@@ -29,17 +32,23 @@ def synthetic_batch(batch_size: int, model_config: Any, *, seed: int = 0, max_bo
     present = torch.arange(M)[None, :] < counts[:, None]
     labels = torch.where(present, torch.randint(1, model_config.num_classes, (B, M), generator=g), 0)
     boxes = torch.where(present[:, :, None], boxes, torch.zeros_like(boxes))
-    normals = torch.nn.functional.normalize(torch.randn(B, 3, h, w, generator=g), dim=1)
-    return {
+    out: dict[str, Any] = {
         "images": torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g),
         "boxes": boxes, "labels": labels,
-        "scene": torch.randint(0, model_config.num_scenes, (B,), generator=g),
-        "has_scene": torch.ones(B, dtype=torch.bool), "has_depth": torch.ones(B, dtype=torch.bool),
-        "has_normals": torch.ones(B, dtype=torch.bool),
-        "depth": 0.5 + 4.0 * torch.rand(B, 1, h, w, generator=g), "normals": normals,
-        "normals_mask": torch.ones(B, 1, h, w, dtype=torch.bool),
-        "image_id": torch.arange(B, dtype=torch.int64), "orig_size": torch.tensor([[H, W]] * B),
     }
+    # The auxiliary tasks' targets (rock_dist.tasks), drawn in registry order from the same generator, every sample
+    # with its targets.
+    tasks = [task for task in registry.all_tasks() if task.target_kind is not None]
+    targets = [task.synthetic_targets(B, (h, w), model_config, g) for task in tasks]
+    for task, values in zip(tasks, targets):
+        if task.target_kind == "label":
+            out.update(values)
+    out.update((task.presence_key, torch.ones(B, dtype=torch.bool)) for task in tasks)
+    for task, values in zip(tasks, targets):
+        if task.target_kind == "map":
+            out.update(values)
+    out.update(image_id=torch.arange(B, dtype=torch.int64), orig_size=torch.tensor([[H, W]] * B))
+    return out
 
 
 __all__ = ["synthetic_batch"]

@@ -294,7 +294,7 @@ def _npy_copy(shards: str, out: Path, num_samples: int) -> tuple[str, list[dict[
     `out` and the transcoded samples; None when no sample has a PNG aux member."""
     from rock_dist.data.npy_member import encode_npy
     from rock_dist.shardbuild.shard_writer import write_shard
-    from rock_dist.data.transforms import aux_member
+    from rock_dist.data.members import aux_member
 
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

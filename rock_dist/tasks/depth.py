@@ -1,20 +1,23 @@
 """The depth task of the ROCK block: log depth per pixel of the auxiliary map (docs/losses.md, docs/evaluation.md).
 
-Registered in rock_dist.tasks.registry. Batch: `depth` float32 B x 1 x h x w (metres, hole-filled) and `has_depth`
-bool B. Head: the mean over the 128 channels of the task map, read as log depth. Loss: SmoothL1 (reference) or berHu
-(the paper) against log(clamp(depth)), mean over every pixel of the samples with depth; weight 3. Metrics: abs-rel,
-RMSE and δ<1.25, pooled over the valid pixels of the evaluated set.
+Registered in rock_dist.tasks.registry. Shard member `depth.png` / `depth.npy` (uint16 millimetres,
+docs/data_format.md), decoded to the field `depth_mm` (None without it). Batch: `depth` float32 B x 1 x h x w (metres,
+hole-filled; a dense map sampled following the crop and flip and divided by the crop's zoom, docs/augmentation.md) and
+`has_depth` bool B. Head: the mean over the 128 channels of the task map, read as log depth. Loss: SmoothL1 (reference)
+or berHu (the paper) against log(clamp(depth)), mean over every pixel of the samples with depth; weight 3. Metrics:
+abs-rel, RMSE and δ<1.25, pooled over the valid pixels of the evaluated set.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rock_dist.tasks.base import AuxTask, Batch, masked_mean, match_size, resize_nearest
+from rock_dist.data.members import aux_member, check_size
+from rock_dist.tasks.base import AuxTask, Batch, BatchGrid, MapGrid, masked_mean, match_size, resize_nearest
 
 if TYPE_CHECKING:
     from rock_dist.config import ModelConfig
@@ -62,6 +65,9 @@ class DepthTask(AuxTask):
     metric_names = {"depth_abs_rel": "depth mean |p - t| / t", "depth_rmse": "depth RMSE (m)",
                     "depth_delta1": "depth fraction with max(p/t, t/p) < 1.25"}
     record_key = "depth"
+    target_kind = "map"
+    decoded_fields = {"depth_mm": None}
+    raw_keys = {"depth_mm": "raw_depth"}
 
     def channels(self, num_scenes: int) -> int:
         return DEPTH_CHANNELS
@@ -116,6 +122,40 @@ class DepthTask(AuxTask):
         lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (None, None)
         return {"depth_pred": colorize_depth(pred_depth, min_depth=lo, max_depth=hi),
                 "depth_gt": colorize_depth(gt_depth, min_depth=lo, max_depth=hi)}
+
+    def original_picture(self, prediction: torch.Tensor, size: tuple[int, int], *, image: torch.Tensor,
+                         scene_types: Sequence[str]) -> torch.Tensor | None:
+        from rock_dist.engine.visualize import colorize_depth
+
+        # Upsample the log depth (smooth in log space) to the original picture, then exponentiate.
+        log_depth = F.interpolate(prediction[None].float(), size=size, mode="bilinear", align_corners=False)
+        return colorize_depth(log_depth[0, 0].exp())
+
+    def decode(self, raw: Mapping[str, Any], size: tuple[int, int], loc: str) -> dict[str, Any]:
+        depth = aux_member(raw, "depth", loc, kind="16-bit single-channel (millimetres)")
+        check_size(loc, "depth", depth, size)
+        return {"depth_mm": depth}
+
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"depth": 0.5 + 4.0 * torch.rand(batch_size, 1, *target_size, generator=generator)}
+
+    def sample_maps(self, fields: Mapping[str, Any], grid: MapGrid) -> dict[str, torch.Tensor]:
+        """Depth in metres divided by the crop's zoom (docs/augmentation.md); 0 without depth."""
+        if fields["depth_mm"] is None:
+            return {"depth": torch.zeros(1, len(grid.rows), len(grid.cols))}
+        return {"depth": grid.gather(fields["depth_mm"]).to(torch.float32) * (0.001 / grid.geom.zoom)}
+
+    def sample_maps_batched(self, batch: Mapping[str, Any], grid: BatchGrid) -> dict[str, torch.Tensor]:
+        dev, (h, w) = grid.device, grid.size
+        if "raw_depth" not in batch:
+            return {"depth": torch.zeros(len(grid.geoms), 1, h, w, device=dev)}
+        d_bi, d_rows, d_cols = grid.device_index
+        scale = torch.tensor([[0.001 / g.zoom] for g in grid.geoms], dtype=torch.float64).to(torch.float32).to(dev)
+        # uint16 has few device kernels: gather its bits as int16, then read them back unsigned.
+        raw_depth = batch["raw_depth"].view(torch.int16).to(dev, non_blocking=True)
+        mm = raw_depth[d_bi, 0, d_rows, d_cols].to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
+        return {"depth": mm.mul_(scale[:, 0, None, None]).unsqueeze(1)}
 
 
 DEPTH = DepthTask()

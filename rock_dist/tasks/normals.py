@@ -1,23 +1,27 @@
 """The surface-normals task of the ROCK block: a normal per pixel of the auxiliary map (docs/losses.md,
 docs/evaluation.md).
 
-Registered in rock_dist.tasks.registry. Batch: `normals` float32 B x 3 x h x w (unit vectors), `normals_mask` bool
-B x 1 x h x w (valid pixels) and `has_normals` bool B; a horizontal flip negates the x component (the pipeline,
-rock_dist.data.transforms). Head: the mean over each group of 128 channels of a 3 x 128-channel task map
-(unnormalised). Loss: (1 - n̂·n) + ‖n̂ - n‖² over the valid pixels of the batch; weight 30. Metrics: angle statistics
-over the valid pixels of the evaluated set.
+Registered in rock_dist.tasks.registry. Shard members `normals.png|npy` (uint8 RGB, v = 127.5 (n + 1)) and
+`mask.png|npy` (uint8, 0 invalid), present together (docs/data_format.md), decoded to the fields `normals` and
+`normals_mask` (None without them). Batch: `normals` float32 B x 3 x h x w (unit vectors), `normals_mask` bool B x 1 x h
+x w (valid pixels) and `has_normals` bool B: dense maps sampled following the crop and flip; a horizontal flip negates
+the x component and the crop's zoom scales x and y before renormalising (docs/augmentation.md). Head: the mean over each
+group of 128 channels of a 3 x 128-channel task map (unnormalised). Loss: (1 - n̂·n) + ‖n̂ - n‖² over the valid pixels
+of the batch; weight 30. Metrics: angle statistics over the valid pixels of the evaluated set.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rock_dist.tasks.base import AuxTask, Batch, masked_mean, match_size, resize_nearest
+from rock_dist.data.members import aux_member, check_size
+from rock_dist.errors import DataError
+from rock_dist.tasks.base import AuxTask, Batch, BatchGrid, MapGrid, masked_mean, match_size, resize_nearest
 
 if TYPE_CHECKING:
     from rock_dist.config import ModelConfig
@@ -55,6 +59,9 @@ class NormalsTask(AuxTask):
                     "normals_11_25": "normals fraction under 11.25 deg",
                     "normals_22_5": "normals fraction under 22.5 deg", "normals_30": "normals fraction under 30 deg"}
     record_key = "normals_angles"
+    target_kind = "map"
+    decoded_fields = {"normals": None, "normals_mask": None}
+    raw_keys = {"normals": "raw_normals", "normals_mask": "raw_mask"}
 
     def channels(self, num_scenes: int) -> int:
         return 3 * NORMALS_CHANNELS_PER_AXIS
@@ -102,6 +109,66 @@ class NormalsTask(AuxTask):
 
         return {"normals_pred": normals_to_rgb(prediction[index]),
                 "normals_gt": normals_to_rgb(batch["normals"][index], batch["normals_mask"][index])}
+
+    def original_picture(self, prediction: torch.Tensor, size: tuple[int, int], *, image: torch.Tensor,
+                         scene_types: Sequence[str]) -> torch.Tensor | None:
+        from rock_dist.engine.visualize import normals_to_rgb
+
+        normals = F.interpolate(prediction[None].float(), size=size, mode="bilinear", align_corners=False)
+        return normals_to_rgb(normals[0])
+
+    def decode(self, raw: Mapping[str, Any], size: tuple[int, int], loc: str) -> dict[str, Any]:
+        normals = aux_member(raw, "normals", loc)
+        mask = aux_member(raw, "mask", loc)
+        if (normals is None) != (mask is None):
+            raise DataError(f"{loc}: the normals and mask members must be present together")
+        check_size(loc, "normals", normals, size)
+        check_size(loc, "mask", mask, size)
+        return {"normals": normals, "normals_mask": mask}
+
+    def present(self, fields: Mapping[str, Any]) -> bool:
+        return fields["normals"] is not None
+
+    def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+        normals = F.normalize(torch.randn(batch_size, 3, *target_size, generator=generator), dim=1)
+        return {"normals": normals, "normals_mask": torch.ones(batch_size, 1, *target_size, dtype=torch.bool)}
+
+    def sample_maps(self, fields: Mapping[str, Any], grid: MapGrid) -> dict[str, torch.Tensor]:
+        """Normals n = v / 127.5 - 1, x negated by a flip, (x / zx, y / zy) for the zoom, renormalised, 0 where
+        the mask is invalid; zeros (and an all-invalid mask) without normals."""
+        stored, stored_mask = fields["normals"], fields["normals_mask"]
+        if stored is None or stored_mask is None:
+            h, w = len(grid.rows), len(grid.cols)
+            return {"normals": torch.zeros(3, h, w), "normals_mask": torch.zeros(1, h, w, dtype=torch.bool)}
+        n = grid.gather(stored).to(torch.float32).div_(127.5).sub_(1.0)
+        zx, zy = grid.geom.zoom_xy
+        n[0].mul_((-1.0 if grid.geom.flip else 1.0) / zx)
+        n[1].div_(zy)
+        mask = grid.gather(stored_mask) > 0
+        n = n / n.norm(dim=0, keepdim=True).clamp_(min=1e-6)
+        return {"normals": n * mask, "normals_mask": mask}
+
+    def sample_maps_batched(self, batch: Mapping[str, Any], grid: BatchGrid) -> dict[str, torch.Tensor]:
+        dev, (h, w) = grid.device, grid.size
+        if "raw_normals" not in batch or "raw_mask" not in batch:
+            return {"normals": torch.zeros(len(grid.geoms), 3, h, w, device=dev),
+                    "normals_mask": torch.zeros(len(grid.geoms), 1, h, w, dtype=torch.bool)}
+        bi, rows, cols = grid.index
+        d_bi, d_rows, d_cols = grid.device_index
+        factors = torch.tensor([[(-1.0 if g.flip else 1.0) / g.zoom_xy[0], g.zoom_xy[1]] for g in grid.geoms],
+                               dtype=torch.float64).to(torch.float32).to(dev)
+        # The mask is gathered on the host: engine.normalization.micro_batch_counts counts its valid pixels there
+        # before the step, and reading it back from the device would add a synchronisation.
+        mask = (batch["raw_mask"][bi, 0, rows, cols] > 0).unsqueeze(1)
+        raw_normals = batch["raw_normals"].to(dev, non_blocking=True)
+        n = raw_normals.permute(0, 2, 3, 1)[d_bi, d_rows, d_cols].permute(0, 3, 1, 2)
+        # Contiguous like the per-sample map: the norm below then sums its 3 channels in the same order.
+        n = n.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+        n[:, 0].mul_(factors[:, 0, None, None])
+        n[:, 1].div_(factors[:, 1, None, None])
+        n = n / n.norm(dim=1, keepdim=True).clamp_(min=1e-6)
+        return {"normals": n * mask.to(dev, non_blocking=True), "normals_mask": mask}
 
 
 NORMALS = NormalsTask()

@@ -2,8 +2,9 @@
 
 Read by every consumer of the tasks (rock_dist.model.rock_block, rock_dist.model.losses, rock_dist.model.builder,
 rock_dist.engine.normalization, rock_dist.engine.metrics, rock_dist.engine.tensorboard, rock_dist.engine.console,
-rock_dist.engine.evaluation). Adding a task: a module defining its `AuxTask` and one line in `_BUILTIN` below
-(docs/architecture.md, "Auxiliary tasks"); `register` adds one at run time (tests, experiments).
+rock_dist.engine.evaluation, rock_dist.engine.synthetic_batch, rock_dist.data.transforms, rock_dist.data.batch,
+rock_dist.data.device_augment, rock_dist.detect). Adding a task: a module defining its `AuxTask` and one line in
+`_BUILTIN` below (docs/architecture.md, "Auxiliary tasks"); `register` adds one at run time (tests, experiments).
 `rock_dist.config.AUX_TASKS` repeats the built-in names because the command line is parsed without importing torch;
 tests/test_tasks.py checks that the two agree.
 """
