@@ -160,12 +160,14 @@ def _reads(source: str) -> set[str]:
 
 
 def _task_template_reads(node: ast.JoinedStr) -> set[str]:
-    """A per-task field read by name, f"{task.name}_weight": the template filled in with every auxiliary task the
-    command line knows (config.AUX_TASKS), the only values such a placeholder takes for a config field."""
-    parts = node.values
+    """A per-task field read by name, f"{task.name}_weight" or f"--{task}_output_path": the template filled in with
+    every auxiliary task the command line knows (config.AUX_TASKS), the only values such a placeholder takes for a
+    config field."""
+    parts = list(node.values)
+    prefix = parts.pop(0).value if parts and isinstance(parts[0], ast.Constant) else ""
     if len(parts) != 2 or not isinstance(parts[0], ast.FormattedValue) or not isinstance(parts[1], ast.Constant):
         return set()
-    return {f"{task}{parts[1].value}" for task in config_module.AUX_TASKS}
+    return {f"{prefix}{task}{parts[1].value}".removeprefix("--") for task in config_module.AUX_TASKS}
 
 
 def unread_config_fields(package: Path = PACKAGE) -> dict[str, list[str]]:

@@ -62,13 +62,13 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
+from rock_dist.data.geometry import Geometry
 from rock_dist.data.members import aux_member, bytes_tensor, quiet_torchvision_io
 from rock_dist.errors import DataError
 from rock_dist.tasks import registry
@@ -234,30 +234,6 @@ def _decode_sample(raw: Mapping[str, Any], where: str, defer_jpeg: bool = False)
 
 
 # ---------------------------------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class Geometry:
-    """The spatial part of one augmentation: pixel crop [x0, x1) x [y0, y1) of the stored image, then flip."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    flip: bool
-    image_size: Size  # stored (H, W)
-
-    @property
-    def zoom_xy(self) -> tuple[float, float]:
-        """(zx, zy): magnification relative to the uncropped image resized to the same input size."""
-        H, W = self.image_size
-        return W / (self.x1 - self.x0), H / (self.y1 - self.y0)
-
-    @property
-    def zoom(self) -> float:
-        """Scalar zoom for depth: geometric mean of zx and zy (see the module docstring)."""
-        zx, zy = self.zoom_xy
-        return math.sqrt(zx * zy)
-
-
 def _min_iou_above(boxes: list[tuple[float, float, float, float]], crop: tuple[float, float, float, float],
                    threshold: float) -> bool:
     """True if every box has IoU > threshold with `crop` (all xyxy; degenerate boxes have IoU 0)."""

@@ -221,10 +221,16 @@ def make_object(name: str, rng: np.random.Generator, *, variant: str = "") -> Sc
     return obj
 
 
+def _one_block(name: str, w: float, d: float, h: float, mat: Material, *, on_top: bool = False) -> SceneObject:
+    """An object of one box, w x d x h on the floor; `on_top`: small things may stand on its top."""
+    return SceneObject(name, NYU_LABEL_IDS[name], [_p(0, 0, 0, w, d, h, mat)],
+                       support=(h, w / 2, d / 2, 0.0) if on_top else None)
+
+
 def _bathtub(rng: np.random.Generator, variant: str) -> SceneObject:
     w, d, h = _u(rng, 1.45, 1.75), _u(rng, 0.7, 0.8), _u(rng, 0.5, 0.6)
     mat = Material(_jit(rng, WHITE_CERAMIC, 0.03), "plain", top="basin", accent=(0.78, 0.82, 0.86), specular=True)
-    return SceneObject("bathtub", NYU_LABEL_IDS["bathtub"], [_p(0, 0, 0, w, d, h, mat)])
+    return _one_block("bathtub", w, d, h, mat)
 
 
 def _bed(rng: np.random.Generator, variant: str) -> SceneObject:
@@ -243,15 +249,14 @@ def _bed(rng: np.random.Generator, variant: str) -> SceneObject:
 def _bookshelf(rng: np.random.Generator, variant: str) -> SceneObject:
     w, d, h = _u(rng, 0.6, 1.2), _u(rng, 0.28, 0.4), _u(rng, 1.1, 2.0)
     mat = Material(_jit(rng, _pick(rng, WOODS)), "wood", front="shelves", accent=(0.6, 0.2, 0.2))
-    return SceneObject("bookshelf", NYU_LABEL_IDS["bookshelf"], [_p(0, 0, 0, w, d, h, mat)],
-                       support=(h, w / 2, d / 2, 0.0))
+    return _one_block("bookshelf", w, d, h, mat, on_top=True)
 
 
 def _box(rng: np.random.Generator, variant: str) -> SceneObject:
     s = _u(rng, 0.25, 0.55)
     w, d, h = s * _u(rng, 0.9, 1.3), s * _u(rng, 0.8, 1.1), s * _u(rng, 0.6, 1.0)
     mat = Material(_jit(rng, (0.72, 0.55, 0.34), 0.08), "cardboard", top="tape", accent=(0.85, 0.75, 0.55))
-    return SceneObject("box", NYU_LABEL_IDS["box"], [_p(0, 0, 0, w, d, h, mat)], support=(h, w / 2, d / 2, 0.0))
+    return _one_block("box", w, d, h, mat, on_top=True)
 
 
 def _chair(rng: np.random.Generator, variant: str) -> SceneObject:
@@ -298,14 +303,13 @@ def _door(rng: np.random.Generator, variant: str) -> SceneObject:
 def _dresser(rng: np.random.Generator, variant: str) -> SceneObject:
     w, d, h = _u(rng, 0.8, 1.6), _u(rng, 0.42, 0.55), _u(rng, 0.75, 1.1)
     mat = Material(_jit(rng, _pick(rng, WOODS)), "wood", front="drawers", accent=(0.15, 0.12, 0.1))
-    return SceneObject("dresser", NYU_LABEL_IDS["dresser"], [_p(0, 0, 0, w, d, h, mat)],
-                       support=(h, w / 2, d / 2, 0.0))
+    return _one_block("dresser", w, d, h, mat, on_top=True)
 
 
 def _garbage_bin(rng: np.random.Generator, variant: str) -> SceneObject:
     w, d, h = _u(rng, 0.25, 0.4), _u(rng, 0.25, 0.4), _u(rng, 0.35, 0.7)
     mat = Material(_jit(rng, _pick(rng, PLASTICS)), "ribbed", top="bin_top", accent=(0.05, 0.05, 0.05))
-    return SceneObject("garbage bin", NYU_LABEL_IDS["garbage bin"], [_p(0, 0, 0, w, d, h, mat)])
+    return _one_block("garbage bin", w, d, h, mat)
 
 
 def _lamp(rng: np.random.Generator, variant: str) -> SceneObject:
@@ -347,15 +351,14 @@ def _television(rng: np.random.Generator, variant: str) -> SceneObject:
 def _night_stand(rng: np.random.Generator, variant: str) -> SceneObject:
     w, d, h = _u(rng, 0.4, 0.55), _u(rng, 0.35, 0.45), _u(rng, 0.5, 0.65)
     mat = Material(_jit(rng, _pick(rng, WOODS[1:])), "wood", front="drawers", accent=(0.12, 0.1, 0.08))
-    return SceneObject("night stand", NYU_LABEL_IDS["night stand"], [_p(0, 0, 0, w, d, h, mat)],
-                       support=(h, w / 2, d / 2, 0.0))
+    return _one_block("night stand", w, d, h, mat, on_top=True)
 
 
 def _pillow(rng: np.random.Generator, variant: str) -> SceneObject:
     w, d, h = _u(rng, 0.45, 0.7), _u(rng, 0.3, 0.42), _u(rng, 0.1, 0.17)
     mat = Material(_jit(rng, _pick(rng, PASTELS + [(0.85, 0.6, 0.3), (0.5, 0.65, 0.75)])), "pillow",
                    accent=_jit(rng, _pick(rng, FABRICS)))
-    return SceneObject("pillow", NYU_LABEL_IDS["pillow"], [_p(0, 0, 0, w, d, h, mat)])
+    return _one_block("pillow", w, d, h, mat)
 
 
 def _sink(rng: np.random.Generator, variant: str) -> SceneObject:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from rock_dist.config import LossConfig, ModelConfig
-    from rock_dist.data.transforms import Geometry
+    from rock_dist.data.geometry import Geometry
 
 # A batch of docs/data_format.md (tensors by key) and one image's per-task evaluation record (None: no target).
 Batch = Mapping[str, torch.Tensor]
