@@ -213,12 +213,14 @@ def test_ladder_goes_from_reference_to_fast_one_change_at_a_time() -> None:
 
 
 def test_cpu_fast_recipe_uses_bf16_only_with_amx(monkeypatch) -> None:
+    import rock_dist.engine.recipes as choice
     import rock_dist.perf.recipes as recipes
 
     assert isinstance(recipes.amx_available(), bool)  # the real probe answers on any machine, never raises
-    monkeypatch.setattr(recipes, "bf16_supported", lambda device: True)
+    # The probes are the engine's (engine.recipes chooses; perf.recipes builds the ladder from its choice).
+    monkeypatch.setattr(choice, "bf16_supported", lambda device: True)
     for amx in (True, False):
-        monkeypatch.setattr(recipes, "amx_available", lambda amx=amx: amx)
+        monkeypatch.setattr(choice, "amx_available", lambda amx=amx: amx)
         fast = recipes.fast_recipe("cpu")
         assert (fast.precision, fast.channels_last) == (("bf16", True) if amx else ("fp32", False))
         assert not fast.compile and fast.batch_size == 8
