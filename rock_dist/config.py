@@ -15,12 +15,18 @@ import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from rock_dist.tasks import catalog
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-# The built-in auxiliary tasks (rock_dist.tasks.registry), repeated here because the command line is parsed without
-# importing torch; tests/test_tasks.py checks that the two lists agree.
-AUX_TASKS: tuple[str, ...] = ("scene", "depth", "normals")
+# The built-in auxiliary tasks, from the torch-free catalog the registry also reads (rock_dist.tasks.catalog).
+AUX_TASKS: tuple[str, ...] = catalog.builtin_names()
+if TYPE_CHECKING:
+    AuxTaskName = str
+else:
+    # The choices of --aux_tasks: the field types below name this Literal, built from the catalog.
+    AuxTaskName = Literal[AUX_TASKS]
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 
 
@@ -48,8 +54,8 @@ class ModelConfig:
         "reference; right with pretrained weights), 'train' updates them like any BatchNorm (for a backbone trained "
         "from scratch, e.g. with --pretrained none).", "frozen")
     no_rock: bool = opt("Train the baseline SSD without the ROCK auxiliary block.", False)
-    aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
-        "Auxiliary tasks of the ROCK block (any subset of scene depth normals).", AUX_TASKS)
+    aux_tasks: tuple[AuxTaskName, ...] = opt(
+        f"Auxiliary tasks of the ROCK block (any subset of {' '.join(AUX_TASKS)}).", AUX_TASKS)
     image_size: tuple[int, int] = opt("Network input size as HEIGHT WIDTH.", (480, 640))
     use_all_priors_conf_loss: bool = opt("Confidence loss over all negatives (weighted) instead of 3:1 hard "
                                          "negative mining.", False)
@@ -246,7 +252,7 @@ class EvaluateConfig:
                           positional=True)
     test_path: str = opt("Test shards (split directory).", "shards/nyuv2/test")
     no_rock: bool = opt("Expect a baseline SSD checkpoint (checked against the file).", False)
-    aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
+    aux_tasks: tuple[AuxTaskName, ...] = opt(
         "Auxiliary tasks of the checkpoint (checked against the file).", AUX_TASKS)
     score_threshold: float | None = opt("Minimum class score kept when decoding" + _FROM_WEIGHTS.format(0.05) + ".",
                                         None)
@@ -282,7 +288,7 @@ class DetectConfig:
                                 "reaches this many pixels, so that the tags stay off the objects (0: never; the "
                                 "boxes in the JSON keep the original image's coordinates).", 480)
     no_rock: bool = opt("Expect a baseline SSD checkpoint (checked against the file).", False)
-    aux_tasks: tuple[Literal["scene", "depth", "normals"], ...] = opt(
+    aux_tasks: tuple[AuxTaskName, ...] = opt(
         "Auxiliary tasks of the checkpoint (checked against the file).", AUX_TASKS)
     device: Literal["auto", "cuda", "cpu"] = opt("Device; 'auto' picks CUDA when present.", "auto")
     batch_size: int = opt("Images per forward pass.", 8)

@@ -40,15 +40,16 @@ from typing import Any, Callable, Sequence
 from rock_dist.cli import run_cli
 from rock_dist.config import ShardsBuildConfig, ShardsVerifyConfig, parse_config
 from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
-from rock_dist.data.manifest import (MANIFEST_NAME, MODALITIES, Manifest, ShardInfo, load_manifest, sha256_file,
+from rock_dist.data.manifest import (MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file,
                                      source_entry)
 from rock_dist.data.shard_index import INDEX_NAME, read_index, scan_shard, write_index
 from rock_dist.errors import ConfigError, DataError
 from rock_dist.invocation import command_name
 from rock_dist.fsutil import pid_alive
 from rock_dist.shardbuild.nyuv2 import SPLIT_NAMES, TAR_ERRORS, NYUv2Official
-from rock_dist.shardbuild.shard_writer import (DEPTH_EXTS, KNOWN_EXTS, NORMALS_EXTS, check_sample, encode_sample,
-                                               sample_key, write_shard)
+from rock_dist.shardbuild.shard_writer import (check_sample, encode_sample, known_exts, modalities_of, sample_key,
+                                               write_shard)
+from rock_dist.tasks import catalog
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 AUTO_TARGET_SHARDS = 64
@@ -85,7 +86,7 @@ def _write_task(task: _Task, reader: NYUv2Official, tick: Callable[[str, int], N
     """Read, encode and write one shard. Runs in a worker process (or in-process with one worker)."""
     # Fetch the block's normals in one go: a tgz is then decompressed forwards once per shard.
     pairs = reader.normals.read(task.indices) if reader.normals is not None else {}
-    counts = dict.fromkeys(MODALITIES, 0)
+    counts = dict.fromkeys(catalog.modalities(), 0)
 
     def samples():
         for i in task.indices:
@@ -93,10 +94,8 @@ def _write_task(task: _Task, reader: NYUv2Official, tick: Callable[[str, int], N
             members = encode_sample(sample, pairs.get(i), key=sample_key(task.key_prefix, i),
                                     image_format=task.image_format, jpeg_quality=task.jpeg_quality,
                                     aux_format=task.aux_format)
-            counts["rgb"] += 1
-            counts["depth"] += any(e in members for e in DEPTH_EXTS)
-            counts["normals"] += any(e in members for e in NORMALS_EXTS)
-            counts["scene"] += "scene.cls" in members
+            for m in modalities_of(members):
+                counts[m] += 1
             tick(task.split, 1)
             yield sample_key(task.key_prefix, i), members
 
@@ -288,7 +287,7 @@ def build_shards(cfg: ShardsBuildConfig) -> dict[str, Manifest]:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for split, indices in reader.splits.items():
             parts = sorted((r for r in results if r.split == split), key=lambda r: r.shard_no)
-            modalities = {m: sum(r.modalities[m] for r in parts) for m in MODALITIES}
+            modalities = {m: sum(r.modalities[m] for r in parts) for m in catalog.modalities()}
             manifest = Manifest(
                 split_dir=tmp_root / split, dataset=cfg.dataset_name, split=split, num_samples=len(indices),
                 shards=[r.info for r in parts], class_names=list(CLASS_NAMES), scene_types=list(SCENE_TYPES),
@@ -398,7 +397,7 @@ def verify_split(manifest: Manifest, *, decode: bool = True) -> list[str]:
         if stray not in listed:
             problems.append(f"{split_dir / stray}: not listed in {manifest.path}")
     image_ids: list[int] = []
-    counts = dict.fromkeys(MODALITIES, 0)
+    counts = dict.fromkeys(catalog.modalities(), 0)
     index_path = split_dir / INDEX_NAME
     index = read_index(index_path) if index_path.exists() else {}
     if index is None:
@@ -436,14 +435,13 @@ def verify_split(manifest: Manifest, *, decode: bool = True) -> list[str]:
                                     f"{manifest.image_size[0]}x{manifest.image_size[1]}")
                 modalities = facts["modalities"]
             else:
-                unknown = [e for e in members if e not in KNOWN_EXTS]
+                unknown = [e for e in members if e not in known_exts()]
                 if unknown:
                     problems.append(f"{path}: {key} has unknown member(s) {unknown}")
                 tail = key.rsplit("_", 1)[-1]
                 if tail.isdigit():
                     image_ids.append(int(tail))
-                modalities = {m for m, exts in (("rgb", ("json",)), ("depth", DEPTH_EXTS), ("normals", NORMALS_EXTS),
-                                                ("scene", ("scene.cls",))) if any(e in members for e in exts)}
+                modalities = modalities_of(members)
             for m in modalities:
                 counts[m] += 1
         if n != shard.num_samples:
@@ -451,7 +449,7 @@ def verify_split(manifest: Manifest, *, decode: bool = True) -> list[str]:
     if image_ids != manifest.image_ids:
         problems.append(f"{split_dir}: image ids in the shards differ from the manifest's "
                         f"({len(image_ids)} found, {len(manifest.image_ids)} listed)")
-    for m in MODALITIES if image_ids == manifest.image_ids else ():  # else the counts differ for that reason
+    for m in catalog.modalities() if image_ids == manifest.image_ids else ():  # else the counts differ for that reason
         if counts[m] != manifest.modalities.get(m, 0):
             problems.append(f"{split_dir}: {counts[m]} samples have {m}, manifest says "
                             f"{manifest.modalities.get(m, 0)}")

@@ -2,26 +2,32 @@
 composition, and a fourth task registered in a test is picked up by the ROCK block, the criterion, the global
 normalisation, the training step, task weighting, the metrics, the console and the pictures without other edits, and
 by the data side: its shard member decoded, its dense map sampled and flipped by the training transform and by the
-batched device augmentation, collated, and drawn in synthetic batches.
+batched device augmentation, collated, and drawn in synthetic batches. Its torch-free catalog entry
+(rock_dist.tasks.catalog) is picked up by the shard side: the manifest's modalities, the shard check of its member
+and its layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import subprocess
+import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 import torch
 from torchvision.io import encode_png
 
-from rock_dist.config import AUX_TASKS, LossConfig, ModelConfig
+from rock_dist.config import AUX_TASKS, DetectConfig, LossConfig, ModelConfig
 from rock_dist.data.batch import collate, prepare_batch
 from rock_dist.data.device_augment import BatchAugment
-from rock_dist.data.members import quiet_torchvision_io
-from rock_dist.data.npy_member import encode_npy, read_npy
+from rock_dist.data.members import aux_member, quiet_torchvision_io
+from rock_dist.data.npy_member import encode_npy
 from rock_dist.data.transforms import EvalTransform, TrainTransform, decode_sample
 from rock_dist.engine.console import format_losses
+from rock_dist.errors import DataError
 from rock_dist.engine.fast_path import Recipe
 from rock_dist.engine.metrics import aggregate_aux_stats, aux_image_stats, aux_metric_names, format_aux_metric
 from rock_dist.engine.normalization import count_keys, loss_ratios, micro_batch_counts, reference_weights
@@ -31,7 +37,8 @@ from rock_dist.engine.task_weighting import build_task_weighting
 from rock_dist.engine.tensorboard import prediction_pictures
 from rock_dist.model.builder import build_criterion, build_model
 from rock_dist.model.losses import compose_losses, depth_loss, detection_loss, normals_loss, scene_loss
-from rock_dist.tasks import registry
+from rock_dist.shardbuild.shard_writer import check_sample, known_exts, modalities_of
+from rock_dist.tasks import catalog, registry
 from rock_dist.tasks.base import AuxTask, Batch, BatchGrid, MapGrid, masked_mean
 
 TINY = ModelConfig(backbone="resnet18", pretrained="none", image_size=(64, 64))
@@ -51,7 +58,7 @@ class ConstantTask(AuxTask):
     raw_keys = {"toy_map": "raw_toy"}
 
     def decode(self, raw: Mapping[str, Any], size: tuple[int, int], loc: str) -> dict[str, Any]:
-        return {"toy_map": torch.from_numpy(read_npy(bytes(raw["toy.npy"]))) if "toy.npy" in raw else None}
+        return {"toy_map": aux_member(raw, "toy", loc)}
 
     def synthetic_targets(self, batch_size: int, target_size: tuple[int, int], model_config: ModelConfig,
                           generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -97,13 +104,20 @@ class ConstantTask(AuxTask):
         return {"toy": image.clone()}
 
 
+# The toy task's static facts: one dense uint8 member `toy.png` / `toy.npy`.
+TOY_SPEC = catalog.TaskSpec("toy", "tests.test_tasks:ConstantTask",
+                            maps=(catalog.MapMember("toy", "uint8", 1, ("L",)),))
+
+
 @pytest.fixture
 def toy() -> Iterator[ConstantTask]:
+    catalog.register(TOY_SPEC)
     task = registry.register(ConstantTask())
     try:
         yield task
     finally:
         registry.unregister(task.name)
+        catalog.unregister(TOY_SPEC.name)
 
 
 def _toy_batch(config: ModelConfig, has_toy: list[bool], seed: int = 0) -> dict[str, Any]:
@@ -115,9 +129,11 @@ def _toy_batch(config: ModelConfig, has_toy: list[bool], seed: int = 0) -> dict[
 
 
 def test_the_registry_matches_the_configuration() -> None:
-    # config.AUX_TASKS repeats the built-in names for the torch-free command line: they must agree, and the
+    # config.AUX_TASKS and the registry both come from the catalog: they must agree, and the
     # LossConfig's weight fields must be the tasks' reference weights (docs/losses.md: 3 / 3 / 30).
-    assert registry.names() == AUX_TASKS == ("scene", "depth", "normals")
+    assert registry.names() == AUX_TASKS == catalog.builtin_names() == ("scene", "depth", "normals")
+    # DetectConfig's per-task picture flags are written out (a typed dataclass): one per built-in task.
+    assert {f"{t}_output_path" for t in AUX_TASKS} <= {f.name for f in dataclasses.fields(DetectConfig)}
     assert reference_weights(LossConfig()) == {t.name: t.reference_weight for t in registry.all_tasks()} \
         == {"scene": 3.0, "depth": 3.0, "normals": 30.0}
     assert reference_weights(LossConfig(normals_weight=7.0))["normals"] == 7.0
@@ -210,6 +226,35 @@ def _raw_sample(index: int, toy_map: torch.Tensor | None) -> dict[str, Any]:
     if toy_map is not None:
         raw["toy.npy"] = encode_npy(toy_map.numpy())
     return raw
+
+
+def test_a_registered_task_s_catalog_entry_drives_the_shard_side(toy: ConstantTask) -> None:
+    """The torch-free side reads the catalog: the manifest counts the toy modality (after the dense maps, before the
+    scene label), the shard check knows, checks and counts its member, and the reader decodes it with its layout."""
+    assert catalog.modalities() == ("rgb", "depth", "normals", "toy", "scene")
+    assert {"toy.png", "toy.npy"} <= known_exts()
+    members = {k: v for k, v in _raw_sample(4, torch.full((1, 12, 16), 7, dtype=torch.uint8)).items() if k != "__key__"}
+    facts, problems = check_sample("nyuv2_0004", members)
+    assert problems == [] and facts["modalities"] == {"rgb", "toy"} == modalities_of(members)
+    wrong = {**members, "toy.npy": encode_npy(torch.zeros(3, 12, 16, dtype=torch.uint8).numpy())}
+    facts, problems = check_sample("nyuv2_0004", wrong)
+    assert "toy" not in facts["modalities"] and len(problems) == 1 and problems[0].startswith("nyuv2_0004.toy.npy:")
+    with pytest.raises(DataError, match="toy.npy must be"):
+        aux_member(wrong, "toy", "s4")
+    catalog.unregister("toy")
+    try:  # without its entry the member is unknown to the shard check
+        assert any("toy.npy: unknown member" in p for p in check_sample("nyuv2_0004", members)[1])
+    finally:
+        catalog.register(TOY_SPEC)
+    with pytest.raises(ValueError, match="built-in task"):
+        catalog.unregister("depth")
+
+
+def test_the_catalog_side_imports_no_torch() -> None:
+    """The command line, the manifest, the shard writer and the catalog load without torch (--help stays fast)."""
+    code = ("import sys, rock_dist.config, rock_dist.data.manifest, rock_dist.shardbuild.shard_writer, "
+            "rock_dist.tasks.catalog; assert 'torch' not in sys.modules, 'torch imported'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
 def test_a_registered_task_s_map_is_decoded_sampled_flipped_and_collated(toy: ConstantTask) -> None:

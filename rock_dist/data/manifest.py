@@ -20,7 +20,6 @@ from rock_dist.fsutil import atomic_write_json
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "rock_dist-shards"
 BUILDER_VERSION = 1
-MODALITIES: tuple[str, ...] = ("rgb", "depth", "normals", "scene")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Manifest:
     class_names: list[str]
     scene_types: list[str]
     image_ids: list[int]
-    modalities: dict[str, int]
+    modalities: dict[str, int]  # samples per modality (rock_dist.tasks.catalog.modalities: rgb and each task)
     image_size: list[int]  # [H, W] of the stored images
     sources: dict[str, dict[str, Any]]  # file name -> {"sha256", "bytes", "role"}
     created: str
@@ -178,4 +177,4 @@ def source_entry(path: str | os.PathLike[str], role: str) -> tuple[str, dict[str
 
 
 __all__ = ["Manifest", "ShardInfo", "load_manifest", "sha256_file", "sha256_tree", "source_entry", "MANIFEST_NAME",
-           "MANIFEST_FORMAT", "BUILDER_VERSION", "MODALITIES"]
+           "MANIFEST_FORMAT", "BUILDER_VERSION"]

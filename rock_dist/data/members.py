@@ -14,8 +14,9 @@ from typing import Any, Iterator, Mapping
 import torch
 from torchvision.io import ImageReadMode, decode_png
 
-from rock_dist.data.npy_member import AUX_LAYOUT, read_npy
+from rock_dist.data.npy_member import read_npy
 from rock_dist.errors import DataError
+from rock_dist.tasks.catalog import map_member
 
 
 def bytes_tensor(data: bytes) -> torch.Tensor:
@@ -35,7 +36,7 @@ def quiet_torchvision_io() -> Iterator[None]:
         yield
 
 
-# PNG read mode and description per element layout of npy_member.AUX_LAYOUT (dtype name, channels).
+# PNG read mode and description per element layout of a catalog member (dtype name, channels; rock_dist.tasks.catalog).
 _PNG_MODE: dict[tuple[str, int], tuple[ImageReadMode, str]] = {
     ("uint16", 1): (ImageReadMode.UNCHANGED, "16-bit single-channel"),
     ("uint8", 3): (ImageReadMode.RGB, "8-bit RGB"),
@@ -44,10 +45,11 @@ _PNG_MODE: dict[tuple[str, int], tuple[ImageReadMode, str]] = {
 
 
 def aux_member(raw: Mapping[str, Any], name: str, loc: str, *, kind: str | None = None) -> torch.Tensor | None:
-    """The C x H x W tensor of auxiliary member `name` (a key of npy_member.AUX_LAYOUT) stored as .png or .npy (the
-    shard builder's --aux_format); None when the sample has neither. DataError on the wrong dtype or channels;
-    `kind` describes the expected layout in that message (default: from the layout)."""
-    type_name, channels = AUX_LAYOUT[name]
+    """The C x H x W tensor of auxiliary member `name` (a dense member of rock_dist.tasks.catalog) stored as .png or
+    .npy (the shard builder's --aux_format); None when the sample has neither. DataError on the wrong dtype or
+    channels; `kind` describes the expected layout in that message (default: from the layout)."""
+    layout = map_member(name)
+    type_name, channels = layout.dtype, layout.channels
     dtype = getattr(torch, type_name)
     mode, described = _PNG_MODE[(type_name, channels)]
     if f"{name}.npy" in raw:

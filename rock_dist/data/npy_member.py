@@ -1,7 +1,8 @@
 """The .npy encoding of shard members (`--aux_format npy`): bytes ↔ arrays, never pickles.
 
 Written by `shardbuild.shard_writer` (and checked there by `shards verify`), read by `data.transforms.decode_sample`
-in the loader workers; kept apart so the reader needs neither PIL nor h5py for it. Shared by the builder and the
+in the loader workers; kept apart so the reader needs neither PIL nor h5py for it. The members' layouts (dtype,
+channels) are the tasks' (rock_dist.tasks.catalog). Shared by the builder and the
 streaming pipeline, so it stays in `rock_dist.data` (the builder imports it, never the other way round).
 """
 
@@ -10,10 +11,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-
-# The auxiliary members' C x H x W layout, whatever their encoding (PNG or .npy): element type name (the same in
-# numpy and torch) and channel count. The writer's checks and the reader's both use it.
-AUX_LAYOUT: dict[str, tuple[str, int]] = {"depth": ("uint16", 1), "normals": ("uint8", 3), "mask": ("uint8", 1)}
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -31,4 +28,4 @@ def read_npy(data: bytes) -> np.ndarray:
         raise ValueError(str(err) or type(err).__name__) from None
 
 
-__all__ = ["AUX_LAYOUT", "encode_npy", "read_npy"]
+__all__ = ["encode_npy", "read_npy"]

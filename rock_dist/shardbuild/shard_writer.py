@@ -24,23 +24,33 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rock_dist.data.constants import CLASS_NAMES, SCENE_TYPES
+from rock_dist.data.constants import CLASS_NAMES
 from rock_dist.data.manifest import ShardInfo, sha256_file
-from rock_dist.data.npy_member import AUX_LAYOUT, encode_npy, read_npy
+from rock_dist.data.npy_member import encode_npy, read_npy
 from rock_dist.shardbuild.nyuv2 import NormalPair, NYUSample, decode_png
+from rock_dist.tasks import catalog
 
 RGB_EXTS = ("rgb.jpg", "rgb.png")
-DEPTH_EXTS = ("depth.png", "depth.npy")
-NORMALS_EXTS = ("normals.png", "normals.npy")
-MASK_EXTS = ("mask.png", "mask.npy")
-AUX_FORMATS = ("png", "npy")
-KNOWN_EXTS = frozenset(RGB_EXTS + DEPTH_EXTS + NORMALS_EXTS + MASK_EXTS + ("scene.cls", "json"))
+AUX_FORMATS = catalog.MAP_ENCODINGS
 MAX_DEPTH_MM = np.iinfo(np.uint16).max
+
+
+def known_exts() -> frozenset[str]:
+    """Every member name a sample may hold: the image, its json and the auxiliary tasks' (rock_dist.tasks.catalog)."""
+    return frozenset(RGB_EXTS + ("json",) + tuple(ext for spec in catalog.specs() for ext in spec.member_exts))
+
+
+def modalities_of(members: Iterable[str]) -> set[str]:
+    """The manifest modalities a sample's member names show, without decoding them: rgb when it has its json (every
+    built sample has both), a task when it has the member marking it (rock_dist.tasks.catalog)."""
+    names = set(members)
+    found = {"rgb"} if "json" in names else set()
+    return found | {spec.name for spec in catalog.specs() if names.intersection(spec.marker_exts)}
 
 
 def sample_key(prefix: str, index: int) -> str:
@@ -150,8 +160,9 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
     def bad(ext: str, what: str) -> None:
         problems.append(f"{key}.{ext}: {what}")
 
+    known = known_exts()
     for ext in members:
-        if ext not in KNOWN_EXTS:
+        if ext not in known:
             bad(ext, "unknown member")
     rgb_exts = [e for e in RGB_EXTS if e in members]
     if len(rgb_exts) != 1:
@@ -218,8 +229,8 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
         return True
 
     def check_npy(ext: str) -> bool:
-        type_name, channels = AUX_LAYOUT[ext.split(".")[0]]
-        dtype = np.dtype(type_name)
+        layout = catalog.map_member(ext.split(".")[0])
+        dtype, channels = np.dtype(layout.dtype), layout.channels
         try:
             array = read_npy(members[ext])
         except ValueError as err:
@@ -233,34 +244,40 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> tuple[dict[str, Any]
             return False
         return True
 
-    def check_aux(ext: str, png_modes: tuple[str, ...]) -> bool:
-        return check_npy(ext) if ext.endswith(".npy") else check_png(ext, png_modes)
+    def check_aux(ext: str) -> bool:
+        stem, encoding = ext.split(".")
+        return check_npy(ext) if encoding == "npy" else check_png(ext, catalog.map_member(stem).png_modes)
 
-    depth = [e for e in DEPTH_EXTS if e in members]
-    normals = [e for e in NORMALS_EXTS if e in members]
-    masks = [e for e in MASK_EXTS if e in members]
-    for found in (depth, normals, masks):
-        if len(found) > 1:
-            problems.append(f"{key}: both {' and '.join(found)}; keep one")
-    if len(depth) == 1 and check_aux(depth[0], ("I;16", "I;16B", "I")):
-        facts["modalities"].add("depth")
-    if bool(normals) != bool(masks):
-        problems.append(f"{key}: normals and mask members must be present together "
-                        f"(found {', '.join(normals + masks)})")
-    elif len(normals) == 1 and len(masks) == 1:
-        if check_aux(normals[0], ("RGB",)) & check_aux(masks[0], ("L",)):
-            facts["modalities"].add("normals")
-    if "scene.cls" in members:
-        text = members["scene.cls"].decode("ascii", "replace").strip()
-        if not text.isdigit() or not 0 <= int(text) < len(SCENE_TYPES):
-            bad("scene.cls", f"{text!r} is not a scene id 0..{len(SCENE_TYPES) - 1}")
-        else:
-            facts["modalities"].add("scene")
-            scene_type = meta.get("scene_type")
-            if scene_type is not None and scene_type != SCENE_TYPES[int(text)]:
-                bad("scene.cls", f"id {text} is {SCENE_TYPES[int(text)]!r} but json says {scene_type!r}")
+    for spec in catalog.in_shard_order():
+        if spec.maps and _check_maps(key, members, spec, check_aux, problems):
+            facts["modalities"].add(spec.name)
+        elif spec.label is not None and spec.label in members and spec.check_label is not None:
+            present, found = spec.check_label(members[spec.label].decode("ascii", "replace").strip(), meta)
+            for what in found:
+                bad(spec.label, what)
+            if present:
+                facts["modalities"].add(spec.name)
     return facts, problems
 
 
+def _check_maps(key: str, members: Mapping[str, bytes], spec: catalog.TaskSpec, check_aux: Callable[[str], bool],
+                problems: list[str]) -> bool:
+    """Check the dense members of task `spec` (each stored once at most, all of them or none); True when the sample
+    has them all and each passes `check_aux`."""
+    found = [[ext for ext in member.exts if ext in members] for member in spec.maps]
+    for exts in found:
+        if len(exts) > 1:
+            problems.append(f"{key}: both {' and '.join(exts)}; keep one")
+    if any(found) and not all(found):
+        stems = " and ".join(member.stem for member in spec.maps)
+        problems.append(f"{key}: {stems} members must be present together "
+                        f"(found {', '.join(ext for exts in found for ext in exts)})")
+        return False
+    if not all(len(exts) == 1 for exts in found):
+        return False
+    checked = [check_aux(exts[0]) for exts in found]  # every member checked, so each problem is reported
+    return all(checked)
+
+
 __all__ = ["encode_sample", "encode_depth_png", "depth_millimetres", "write_shard", "check_sample",
-           "sample_key", "KNOWN_EXTS", "RGB_EXTS", "DEPTH_EXTS", "NORMALS_EXTS", "MASK_EXTS", "AUX_FORMATS"]
+           "sample_key", "known_exts", "modalities_of", "RGB_EXTS", "AUX_FORMATS"]
