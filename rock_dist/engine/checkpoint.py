@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import warnings
 import re
 import shutil
 from pathlib import Path
@@ -138,7 +139,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: checkpoint file not found")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Bytes that are not a checkpoint can make torch's unpickler warn about a strange pickle protocol
+            # before it fails: the one error below says what matters, the warning would be a second message.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own message suggests weights_only=False, which would execute whatever a damaged or foreign file
         # holds: never the advice for a checkpoint that should contain only tensors, numbers and strings.
