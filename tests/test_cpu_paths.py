@@ -66,6 +66,7 @@ def _cfg(shard_dir: Path, tmp_path: Path, *extra: str) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- fp16 on the CPU
+@pytest.mark.slow  # two trainings (straight and resumed)
 def test_fp16_autocast_and_grad_scaler_on_cpu_survive_a_resume(shard_dir: Path, tmp_path: Path) -> None:
     """fp16 autocast on the CPU with torch's CPU GradScaler: the convolutions run in fp16, the scaler scales the
     loss (a random network overflows at the initial scale, so the scale backs off: the scaler really acted), its
@@ -310,6 +311,7 @@ def _launch(args: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.Com
     return proc, records
 
 
+@pytest.mark.slow  # a 2-process launch
 def test_auto_batch_size_with_a_fake_limit_in_two_processes(shard_dir: Path, tmp_path: Path) -> None:
     """Rank 0 fits 13 images (probe: 12, x 0.9 → 10), rank 1 fits 9 (probe: 8, x 0.9 → 6): both train with 6."""
     proc, records = _launch(["--train_path", str(shard_dir / "train"), "--val_path", "", "--auto_batch_size",

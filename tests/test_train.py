@@ -173,6 +173,7 @@ def test_gradient_accumulation_equals_large_batch(shard_dir: Path, tmp_path: Pat
 
 
 # -------------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow  # three trainings
 def test_resume_equals_straight_run(shard_dir: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2 iterations, then resume from the step-2 checkpoint for the remaining 2.
 
@@ -374,6 +375,7 @@ def test_world_size_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
 
 
+@pytest.mark.slow  # a training interrupted by SIGINT in a subprocess
 def test_ctrl_c_leaves_complete_checkpoints(shard_dir: Path, tmp_path: Path) -> None:
     """SIGINT to a training process while it writes a checkpoint every iteration: exit 130, every checkpoint file
     left behind loads, no temporary file remains."""

@@ -263,7 +263,9 @@ def _damage_sample(split: Path, key: str) -> None:
         tar.write(b"\0" * 64)
 
 
-@pytest.mark.parametrize("batch", [0, 1], ids=["first_batch", "mid_run"])
+# mid_run trains a few steps on 2 processes first: slow tier; first_batch keeps the check in the quick tier.
+@pytest.mark.parametrize("batch", [pytest.param(0, id="first_batch"),
+                                   pytest.param(1, id="mid_run", marks=pytest.mark.slow)])
 def test_a_data_error_on_one_rank_stops_every_rank_with_its_message(one_shard: Path, tmp_path: Path,
                                                                     batch: int) -> None:
     """A damaged sample that only rank 1 reads (in its first batch, or in its second = iteration 2): both ranks stop

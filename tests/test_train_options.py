@@ -46,6 +46,7 @@ def make_cfg(shard_dir: Path, save: Path, *extra: str, val: bool = False) -> Tra
 
 
 # -------------------------------------------------------------------------------------------------- trackers
+@pytest.mark.slow  # trainings with three trackers
 def test_tensorboard_and_mlflow_get_config_scalars_and_pictures(shard_dir: Path, tmp_path: Path) -> None:
     """One run reporting to TensorBoard and to an MLflow file store: both get the flags as hyper-parameters, the
     training scalars, the val metrics of the raw and the EMA weights, and the prediction pictures."""
@@ -192,6 +193,7 @@ def test_ema_and_auto_resume_continue_exactly(shard_dir: Path, tmp_path: Path,
 
 
 # -------------------------------------------------------------------------------------------------- early stopping
+@pytest.mark.slow  # 2-process trainings and a resume
 def test_early_stopping_stops_every_rank_and_its_count_survives_resume(shard_dir: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
