@@ -312,6 +312,11 @@ class Trainer:
             # The optimizer state is laid out per parameter, and folding changes the parameters.
             raise ConfigError(f"--checkpoint_path {path}: it was trained with fold_backbone_bn={stored_fold} but this "
                               f"run has {self.cfg.fold_backbone_bn}; use the same --fold_backbone_bn setting to resume")
+        weighting = (data.get("task_weighting") or {"name": "fixed"}).get("name")  # older checkpoints: fixed
+        if weighting != self.cfg.weighting.task_weighting:
+            # The strategy's state (learned log-variances, loss history, GradNorm scales) cannot carry over.
+            raise ConfigError(f"--checkpoint_path {path}: it was trained with --task_weighting {weighting} but this "
+                              f"run has {self.cfg.weighting.task_weighting}; use the same weighting to resume")
         for name in _ARCH_FIELDS:
             mine = getattr(self.model_config, name)
             theirs = stored.get(name)
@@ -330,9 +335,6 @@ class Trainer:
         step = int(data["step"])
         self._apply_schedule_at(step)
         stored = data.get("task_weighting") or {"name": "fixed"}  # checkpoints from before task weighting: fixed
-        if stored.get("name") != cfg.weighting.task_weighting:
-            raise ConfigError(f"--checkpoint_path: it was trained with --task_weighting {stored.get('name')} but this "
-                              f"run has {cfg.weighting.task_weighting}; use the same weighting to resume")
         if self.parts.weighting is not None:
             self.parts.weighting.load_state_dict(stored)
         same_layout = (data.get("world_size") == self.world_size and data.get("batch_size") == self.plan.batch_size)
