@@ -69,10 +69,30 @@ class ModelConfig:
     def tasks(self) -> tuple[str, ...]:
         """Auxiliary tasks actually trained, in registry order: none for the baseline SSD. (A task registered at run
         time, not in AUX_TASKS, follows the built-in ones in the order given.)"""
-        if self.no_rock:
-            return ()
-        return tuple(t for t in AUX_TASKS if t in self.aux_tasks) + tuple(
-            t for t in dict.fromkeys(self.aux_tasks) if t not in AUX_TASKS)
+        return () if self.no_rock else tasks_in_order(self.aux_tasks)
+
+
+def placement_conflict(color_jitter: str, decode_device: str, augment_on: str) -> str | None:
+    """Why this combination of --color_jitter, --decode_device and --augment_on (the requested word, or a
+    `Placement`'s `where`) cannot work, or None. The one rule table: the flag check (`validate` below) and
+    `data.device_augment.resolve_augment_on` (the training stream, the run plan) both ask it."""
+    if decode_device == "cuda" and color_jitter == "cpu":
+        return ("--decode_device cuda with --color_jitter cpu: the workers have no pixels to jitter when the GPU "
+                "decodes; use --color_jitter device")
+    if augment_on == "device" and color_jitter == "cpu":
+        return ("--augment_on device with --color_jitter cpu: the workers have no resized pixels to jitter; use "
+                "--color_jitter device")
+    if augment_on == "device" and decode_device == "cuda":
+        return ("--augment_on device with --decode_device cuda: the GPU decoder already crops, flips and resizes "
+                "the images; use --augment_on workers (or auto)")
+    return None
+
+
+def tasks_in_order(aux_tasks: Sequence[str]) -> tuple[str, ...]:
+    """`--aux_tasks` in registry order, whatever order they were given in: the built-in ones (AUX_TASKS) first, then
+    tasks registered at run time in the order given; each once."""
+    return tuple(t for t in AUX_TASKS if t in aux_tasks) + tuple(
+        t for t in dict.fromkeys(aux_tasks) if t not in AUX_TASKS)
 
 
 @dataclass
@@ -544,11 +564,10 @@ def validate(config: Any) -> None:
     data = getattr(config, "data", None)
     if isinstance(data, DataConfig) and data.force_crops and data.no_crops:
         raise ValueError("--force_crops and --no_crops contradict each other")
-    if isinstance(data, DataConfig) and data.augment_on == "device" and data.color_jitter == "cpu":
-        raise ValueError("--augment_on device with --color_jitter cpu: the workers have no resized pixels to jitter")
-    if isinstance(data, DataConfig) and data.augment_on == "device" and data.decode_device == "cuda":
-        raise ValueError("--augment_on device with --decode_device cuda: the GPU decoder already crops, flips and "
-                         "resizes the images; use --augment_on workers or auto")
+    if isinstance(data, DataConfig):
+        conflict = placement_conflict(data.color_jitter, data.decode_device, data.augment_on)
+        if conflict is not None:
+            raise ValueError(conflict)
     if isinstance(data, DataConfig) and data.batch_size < 2:
         raise ValueError(f"--batch_size {data.batch_size}: training needs at least 2 images per process "
                          "(BatchNorm on the 1x1 feature map fails with one)")
@@ -645,7 +664,7 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
 
 __all__ = [
     "AUX_TASKS", "BACKBONES", "ModelConfig", "LossConfig", "WeightingConfig", "POSTPROCESS_FIELDS", "DataConfig",
-    "TrainConfig",
+    "TrainConfig", "tasks_in_order", "placement_conflict",
     "EvaluateConfig", "DetectConfig", "build_parser", "parse_config", "validate", "check_postprocess",
     "resolve_postprocess", "to_dict", "from_dict", "opt",
 ]

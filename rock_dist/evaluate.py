@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from rock_dist.cli import run_cli
-from rock_dist.config import AUX_TASKS, EvaluateConfig, ModelConfig, parse_config
+from rock_dist.config import EvaluateConfig, ModelConfig, parse_config, tasks_in_order
 from rock_dist.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def check_model_flags(model_config: ModelConfig, no_rock: bool, aux_tasks: Seque
     if not no_rock and not stored:
         raise ConfigError(f"{model_path}: the checkpoint is a baseline SSD (trained with --no_rock); pass --no_rock")
     if not no_rock:
-        requested = tuple(t for t in AUX_TASKS if t in aux_tasks)
+        requested = tasks_in_order(aux_tasks)  # tasks registered at run time included
         if set(requested) != set(stored):
             raise ConfigError(f"{model_path}: --aux_tasks {' '.join(requested) or '(none)'} but the checkpoint was "
                               f"trained with --aux_tasks {' '.join(stored)}; pass --aux_tasks {' '.join(stored)}")

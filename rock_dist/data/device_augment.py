@@ -40,6 +40,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from rock_dist.data.transforms import Geometry, apply_color_jitter, centre_indices
+from rock_dist.config import placement_conflict
 from rock_dist.errors import ConfigError
 from rock_dist.tasks import registry
 from rock_dist.tasks.base import BatchGrid
@@ -61,20 +62,18 @@ def resolve_augment_on(requested: AugmentOn | Placement, device: torch.device | 
                        color_jitter: str = "device", decode_device: str = "cpu") -> Placement:
     """The placement for `--augment_on` on the training `device` (None: the current CUDA device when there is one,
     else the CPU). ConfigError for a combination that cannot work."""
+    if not isinstance(requested, Placement) and requested not in ("workers", "device", "auto"):
+        raise ConfigError(f"--augment_on {requested!r}: use workers, device or auto")
+    conflict = placement_conflict(color_jitter, decode_device,
+                                  requested.where if isinstance(requested, Placement) else requested)
+    if conflict is not None:
+        raise ConfigError(conflict)
     if isinstance(requested, Placement):
         return requested
-    if requested not in ("workers", "device", "auto"):
-        raise ConfigError(f"--augment_on {requested!r}: use workers, device or auto")
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if requested == "device":
-        if color_jitter == "cpu":
-            raise ConfigError("--augment_on device with --color_jitter cpu: the workers have no resized pixels to "
-                              "jitter; use --color_jitter device")
-        if decode_device == "cuda":
-            raise ConfigError("--augment_on device with --decode_device cuda: the GPU decoder already crops, flips "
-                              "and resizes the images; use --augment_on workers (or auto)")
         return Placement("device", device)
     # auto: on a CPU the training process and the loader workers share the same cores, so moving work from the
     # workers into the training process only moves it to a busier place (and the padded full-size maps cost IPC);
@@ -147,8 +146,7 @@ class BatchAugment:
         geo = batch["augment_geometry"]  # host data, as are all the per-sample numbers derived from it below
         x0, y0, x1, y1, flip = geo.unbind(1)
         flip = flip.bool()
-        geoms = [Geometry(a, b, c, d, bool(f), (H, W))
-                 for (a, b, c, d, f), (H, W) in zip(geo.tolist(), batch["orig_size"].tolist())]
+        geoms = [Geometry.from_row(row, size) for row, size in zip(geo.tolist(), batch["orig_size"].tolist())]
         B = len(geoms)
 
         H, W = self.image_size

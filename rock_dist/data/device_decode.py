@@ -50,10 +50,10 @@ def finish_images(batch: Mapping[str, Any], device: torch.device | str, image_si
     pending = [t for t in items if t.dim() == 1]
     decoded = iter(_decode_many(pending, device) if pending else [])
     images = []
-    for item, (x0, y0, x1, y1, flip) in zip(items, batch["jpeg_geometry"].tolist()):  # geometry: host data
+    for item, row in zip(items, batch["jpeg_geometry"].tolist()):  # geometry: host data
         if item.dim() == 1:
             image = next(decoded)
-            geom = Geometry(x0, y0, x1, y1, bool(flip), (int(image.shape[1]), int(image.shape[2])))
+            geom = Geometry.from_row(row, image.shape[1:])
             images.append(crop_flip_resize(image, geom, image_size))
         else:
             images.append(item.to(device, non_blocking=True))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 Size = tuple[int, int]
 
@@ -22,6 +23,17 @@ class Geometry:
     y1: int
     flip: bool
     image_size: Size  # stored (H, W)
+
+    def as_row(self) -> tuple[int, int, int, int, int]:
+        """(x0, y0, x1, y1, flip): how a batch carries the geometry from the workers (`augment_geometry`,
+        `jpeg_geometry`, int64 B x 5) to the training process's batched steps."""
+        return self.x0, self.y0, self.x1, self.y1, int(self.flip)
+
+    @classmethod
+    def from_row(cls, row: Sequence[int], image_size: Sequence[int]) -> Geometry:
+        """The geometry of one row written by `as_row`, for a stored image of `image_size` (H, W)."""
+        x0, y0, x1, y1, flip = (int(v) for v in row)
+        return cls(x0, y0, x1, y1, bool(flip), (int(image_size[0]), int(image_size[1])))
 
     @property
     def zoom_xy(self) -> tuple[float, float]:

@@ -354,9 +354,6 @@ class TrainStream:
         self.shuffle_buffer = spec.shuffle_buffer
         self.steps_per_epoch = max(1, self.num_samples // (spec.batch_size * spec.world_size))
         self._indexes = indexes
-        if spec.decode_device == "cuda" and spec.color_jitter == "cpu":
-            raise ConfigError("--decode_device cuda with --color_jitter cpu: the workers have no pixels to jitter "
-                              "when the GPU decodes; use --color_jitter device")
         self.augment = resolve_augment_on(spec.augment_on, color_jitter=spec.color_jitter,
                                           decode_device=spec.decode_device)
         decode_on = resolve_decode_device(spec.decode_device)

@@ -492,7 +492,7 @@ def deferred_sample(s: DecodedSample, geom: Geometry, keep: torch.Tensor, jitter
     raw = {key: s.fields[field] for task in registry.all_tasks() if task.target_kind == "map"
            for field, key in task.raw_keys.items()}
     out = {"raw_image": s.image, **raw, "boxes": s.boxes, "labels": s.labels, "box_keep": keep,
-           "augment_geometry": torch.tensor([geom.x0, geom.y0, geom.x1, geom.y1, int(geom.flip)], dtype=torch.int64),
+           "augment_geometry": torch.tensor(geom.as_row(), dtype=torch.int64),
            **task_values(s), "image_id": s.image_id, "orig_size": s.size, "geometry": geom}
     if jitter is not None:
         out["color_jitter"] = jitter
@@ -554,7 +554,7 @@ class TrainTransform:
             # The JPEG travels undecoded with its geometry; rock_dist.data.device_decode finishes the image in the
             # main process, batched on the GPU, with crop_flip_resize as here.
             out = _finish(s, s.image, boxes, labels, aux, geom)
-            out["jpeg_geometry"] = torch.tensor([x0, y0, x1, y1, int(flip)], dtype=torch.int64)
+            out["jpeg_geometry"] = torch.tensor(geom.as_row(), dtype=torch.int64)
         else:
             image = crop_flip_resize(s.image, geom, self.image_size)
             if self.jitter == "cpu":

@@ -197,11 +197,6 @@ class RunPlan:
             class_names=tuple(meta.get("class_names") or default_names[0]),
             scene_types=tuple(meta.get("scene_types") or default_names[1]))
 
-    def describe(self) -> str:
-        """One line for logs and consoles."""
-        return (f"{self.world_size} process(es) on {self.device}, precision {self.precision}, channels_last "
-                f"{self.channels_last}, compile {self.compile}")
-
 
 # ---------------------------------------------------------------------------------------------------- builders
 def resolve_run_plan(cfg: TrainConfig | EvaluateConfig | DetectConfig | BenchConfig) -> RunPlan:

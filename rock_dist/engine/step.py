@@ -53,7 +53,6 @@ class StepParts:
     criterion: ROCKCriterion
     optimizer: torch.optim.Optimizer
     recipe: Recipe
-    loss_config: LossConfig
     tasks: tuple[str, ...]
     accumulation_steps: int = 1
     clip_grad_norm: float = 0.0
@@ -62,7 +61,7 @@ class StepParts:
     rank: int = 0
     faults: set[tuple[int, int | None]] = field(default_factory=set)  # engine.distributed's test-only fault hook
     advice: str = ""  # ends the non-finite loss error: where the last checkpoint is, what to try
-    weighting: TaskWeighting | None = None  # the auxiliary weights (None: the fixed ones of loss_config)
+    weighting: TaskWeighting | None = None  # the auxiliary weights (None: the criterion's fixed ones)
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +69,7 @@ class StepParts:
 
 
 def build_step_parts(model: nn.Module, criterion: ROCKCriterion, recipe: Recipe, accelerator: Any, *,
-                     loss_config: LossConfig, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
+                     lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                      clip_grad_norm: float = 0.0, lr_lambda: Callable[[int], float] | None = None,
                      local: bool = False) -> StepParts:
     """Set `model` (weights loaded, unfolded) and `criterion` up per `recipe` on the accelerator's device.
@@ -92,7 +91,7 @@ def build_step_parts(model: nn.Module, criterion: ROCKCriterion, recipe: Recipe,
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     return StepParts(accelerator=accelerator, model=maybe_compile(model, recipe), criterion=criterion.to(device),
-                     optimizer=optimizer, recipe=recipe, loss_config=loss_config, tasks=tuple(criterion.tasks),
+                     optimizer=optimizer, recipe=recipe, tasks=tuple(criterion.tasks),
                      accumulation_steps=accelerator.gradient_accumulation_steps, clip_grad_norm=clip_grad_norm,
                      scheduler=scheduler, world_size=accelerator.num_processes if distributed else 1,
                      rank=accelerator.process_index if distributed else 0)
@@ -113,7 +112,7 @@ def recipe_step_parts(model_config: Any, loss_config: LossConfig, recipe: Recipe
     if accelerator is None:
         accelerator = local_accelerator(accelerate_precision(recipe), cpu=torch.device(device).type == "cpu")
     criterion = build_criterion(cfg, loss_config, matcher or recipe_matcher(recipe))
-    return build_step_parts(build_model(cfg), criterion, recipe, accelerator, loss_config=loss_config, local=True)
+    return build_step_parts(build_model(cfg), criterion, recipe, accelerator, local=True)
 
 
 def _sum_over_ranks(parts: StepParts, values: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,7 @@ class Trainer:
             model.load_state_dict(ckpt.strip_wrapper_prefixes(self.resume_data["model"]), strict=True)
         self.ema = self._build_ema(model)  # before build_step_parts, which sets `model` up in place
         self.parts: StepParts = build_step_parts(
-            model, criterion, self.recipe, acc, loss_config=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            model, criterion, self.recipe, acc, lr=cfg.lr, weight_decay=cfg.weight_decay,
             clip_grad_norm=cfg.clip_grad_norm, lr_lambda=self.lr_factor)
         w = cfg.weighting
         weighting = build_task_weighting(
