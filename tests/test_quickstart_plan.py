@@ -62,7 +62,7 @@ def test_after_training_cost_grows_with_step_time_and_images() -> None:
 
 def test_autotune_picks_the_fastest_candidate_and_caches_per_machine(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ROCK_DIST_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "amx_available", lambda: True)
+    monkeypatch.setattr(autotune, "cpu_bf16_instructions", lambda: "AMX")
     monkeypatch.setattr(autotune, "bf16_supported", lambda device: True)
     calls: list[str] = []
     fake = {"fp32": 2.0, "fp32 + channels_last": 1.5, "bf16 + channels_last": 0.7}
@@ -80,7 +80,9 @@ def test_autotune_picks_the_fastest_candidate_and_caches_per_machine(tmp_path: P
     assert again.cached and again.seconds == first.seconds and len(calls) == 3  # read from the cache
     other = autotune.autotune_training_step(cfg, LossConfig(), 4, torch.device("cpu"), measure=measure)
     assert not other.cached and len(calls) == 6  # another batch is another key
-    monkeypatch.setattr(autotune, "amx_available", lambda: False)  # without AMX bf16 is not even timed
+    monkeypatch.setattr(autotune, "cpu_bf16_instructions", lambda: "AVX512_BF16")  # e.g. AMD Zen 4: timed too
+    assert "bf16 + channels_last" in [c.label for c in autotune.candidates(torch.device("cpu"))]
+    monkeypatch.setattr(autotune, "cpu_bf16_instructions", lambda: None)  # emulated bf16 is not even timed
     assert [c.label for c in autotune.candidates(torch.device("cpu"))] == ["fp32", "fp32 + channels_last"]
 
 
@@ -91,6 +93,27 @@ def test_amx_detection_respects_the_onednn_isa_cap(monkeypatch) -> None:
     assert recipes.amx_available() is False
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert recipes.amx_available() == bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def test_bf16_instructions_come_from_the_cpu_flags_and_respect_the_isa_cap(monkeypatch) -> None:
+    import rock_dist.engine.recipes as recipes
+
+    monkeypatch.setattr(recipes, "amx_available", lambda: False)
+    zen4 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert recipes.cpu_bf16_instructions(zen4) == "AVX512_BF16"
+    assert recipes.cpu_bf16_instructions(frozenset({"avx2", "avx512f", "avx512bw"})) is None  # Skylake-X: emulated
+    assert recipes.cpu_bf16_instructions(frozenset({"fp", "asimd", "bf16"})) == "ARM_BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # how a Zen 4 imitates a Zen 3: bf16 instructions masked
+    assert recipes.cpu_bf16_instructions(zen4) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert recipes.cpu_bf16_instructions(zen4) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert recipes.cpu_bf16_instructions(zen4) == "AVX512_BF16"
+    monkeypatch.setattr(recipes, "amx_available", lambda: True)
+    assert recipes.cpu_bf16_instructions(frozenset()) == "AMX"
+    assert isinstance(recipes.cpu_flags(), frozenset)  # the real probe answers on any machine, never raises
 
 
 def test_a_real_step_is_timed(tmp_path: Path, monkeypatch) -> None:

@@ -9,6 +9,7 @@ The `Recipe` type and the code that applies it are in `engine.fast_path`; this m
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,42 @@ def amx_available() -> bool:
         return False
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which its bf16 kernels still use bf16 dot-product instructions.
+_BF16_CAP_WORDS = ("BF16", "AMX", "FP16", "AVX10")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo "flags" on x86, "Features" on Arm), lower-case;
+    empty where there is no /proc/cpuinfo (then no bf16 instructions are assumed and the CPU stays fp32)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.lower().split())
+    return frozenset()
+
+
+def cpu_bf16_instructions(flags: frozenset[str] | None = None) -> str | None:
+    """Which bf16 instructions oneDNN can use on this CPU: "AMX" (tiles, Intel Sapphire Rapids and later),
+    "AVX512_BF16" (bf16 dot products in AVX-512: AMD Zen 4 and later, Intel Cooper Lake), "ARM_BF16" (Armv8.6 BF16,
+    e.g. Graviton 3), or None (AVX2 or plain AVX-512 CPUs, where oneDNN emulates bf16 and was measured 20x slower than
+    fp32). An ONEDNN_MAX_CPU_ISA cap below the bf16 ISAs (e.g. AVX2) means None whatever the CPU reports."""
+    if amx_available():
+        return "AMX"
+    cap = onednn_isa_cap()
+    if cap != "ALL" and not any(word in cap for word in _BF16_CAP_WORDS):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if "avx512_bf16" in flags:
+        return "AVX512_BF16"
+    if "bf16" in flags:  # the Arm "Features" word
+        return "ARM_BF16"
+    return None
+
+
 def reference_recipe(batch_size: int = REFERENCE_BATCH) -> Recipe:
     """The reference implementation's recipe: fp32 eager, plain Adam, per-image CPU matching, pickle+PIL loader."""
     return Recipe(name="reference", batch_size=batch_size)
@@ -63,14 +100,17 @@ def fast_recipe(device: torch.device | str, batch_size: int | None = None) -> Re
     On CUDA: bf16 autocast (if supported), channels_last, torch.compile, fused Adam, BN folding, batched matching on
     the GPU, our loader, batch 32. For training, BN folding is the opt-in `--fold_backbone_bn` of rock_dist.train
     (it changes the parametrisation the optimizer sees); for inference it is exact and always used. On a CPU: fused
-    Adam, BN folding, batched matching and our loader, plus bf16 autocast and channels_last where the CPU has AMX
-    (ResNet-18 at 240x320 on a 2-core Sapphire Rapids: 4.9 img/s fp32 → 13.0 img/s); without AMX the CPU stays fp32
-    and NCHW (no faster there). torch.compile stays off on CPUs: over a minute to compile, and slower on the 2-core
-    machine. The benchmark's ladder re-measures all of these on any machine.
+    Adam, BN folding, batched matching and our loader, plus bf16 autocast and channels_last where the CPU has bf16
+    instructions on x86 (`cpu_bf16_instructions`): AMX (ResNet-18 at 240x320 on a 2-core Sapphire Rapids: 4.9 img/s
+    fp32 → 13.0 img/s) or AVX512_BF16 (a 2-core AMD EPYC Zen 4, ROCK training step at 128x160: 0.86 s fp32 → 0.45 s);
+    elsewhere the CPU stays fp32 and NCHW (bf16 is emulated there; Arm's bf16 is left to the measured autotune).
+    torch.compile stays off on CPUs: over a minute to compile, and slower on the 2-core machine. The benchmark's
+    ladder re-measures all of these on any machine.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    cpu_bf16 = device.type == "cpu" and amx_available() and bf16_supported(device)
+    cpu_bf16 = (device.type == "cpu" and cpu_bf16_instructions() in ("AMX", "AVX512_BF16")
+                and bf16_supported(device))
     return Recipe(name="fast", batch_size=batch_size or (FAST_GPU_BATCH if cuda else REFERENCE_BATCH),
                   precision="bf16" if (cuda and bf16_supported(device)) or cpu_bf16 else "fp32",
                   channels_last=cuda or cpu_bf16,
@@ -78,4 +118,5 @@ def fast_recipe(device: torch.device | str, batch_size: int | None = None) -> Re
                   device_matching=True, loader="rock_dist", num_workers=-1)
 
 
-__all__ = ["FAST_GPU_BATCH", "bf16_supported", "onednn_isa_cap", "amx_available", "reference_recipe", "fast_recipe"]
+__all__ = ["FAST_GPU_BATCH", "bf16_supported", "onednn_isa_cap", "amx_available", "cpu_bf16_instructions",
+           "cpu_flags", "reference_recipe", "fast_recipe"]

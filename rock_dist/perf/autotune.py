@@ -1,13 +1,14 @@
 """A short measured autotune of the training step on the machine at hand, cached per machine.
 
-Called by `rock_dist.quickstart`, which uses it twice: to pick the fastest precision / memory format for this CPU
-(AMX, AVX-512, AVX2 and Arm CPUs rank them differently: bf16 is 2-3x faster than fp32 with AMX tiles and 20x slower
-without them; channels_last helps on some CPUs and not on others) and to know how long one step takes, so that the
-run can be sized to a time budget. Each candidate is timed on a synthetic batch through the trainer's own step
-(`engine.step.train_step`, as the benchmark times it: device transfer, forward, criterion, backward, optimizer
-step), after one untimed warm-up step. Results are cached in `$ROCK_DIST_CACHE_DIR/autotune.json` (default
-`~/.cache/rock_dist`), keyed by CPU model, oneDNN ISA cap, torch version, thread count, device and model
-configuration, so a second run on the same machine starts at once; `refresh=True` measures again.
+Called by `rock_dist.quickstart`, which uses it twice: to pick the fastest precision / memory format for this CPU (AMX,
+AVX-512, AVX2 and Arm CPUs rank them differently: bf16 is 2-3x faster than fp32 with AMX tiles, ~1.9x with AVX512_BF16
+on a Zen 4, and 20x slower on CPUs that only emulate it; channels_last helps on some CPUs and not on others) and to know
+how long one step takes, so that the run can be sized to a time budget. Each candidate is timed on a synthetic batch
+through the trainer's own step (`engine.step.train_step`, as the benchmark times it: device transfer, forward,
+criterion, backward, optimizer step), after one untimed warm-up step. Results are cached in
+`$ROCK_DIST_CACHE_DIR/autotune.json` (default `~/.cache/rock_dist`), keyed by CPU model, oneDNN ISA cap, torch version,
+thread count, device and model configuration, so a second run on the same machine starts at once; `refresh=True`
+measures again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rock_dist.engine.fast_path import Precision, Recipe, fused_adam_available
-from rock_dist.perf.recipes import amx_available, bf16_supported, onednn_isa_cap
+from rock_dist.perf.recipes import bf16_supported, cpu_bf16_instructions, onednn_isa_cap
 from rock_dist.perf.timing import measure
 
 
@@ -56,13 +57,14 @@ class AutotuneResult:
 
 
 def candidates(device: torch.device) -> list[StepCandidate]:
-    """What is worth timing on `device`: on a CPU fp32 in both memory formats, plus bf16 + channels_last where AMX
-    tiles make bf16 fast (without them oneDNN's bf16 convolutions were measured 20x slower than fp32, so timing
-    them would cost minutes for nothing); on CUDA the fast path only (bf16 where supported)."""
+    """What is worth timing on `device`: on a CPU fp32 in both memory formats, plus bf16 + channels_last where the
+    CPU has bf16 instructions (AMX, AVX512_BF16 or Arm BF16; where oneDNN emulates bf16 its convolutions were
+    measured 20x slower than fp32, so timing them would cost minutes for nothing); on CUDA the fast path only (bf16
+    where supported)."""
     if device.type == "cuda":
         return [StepCandidate("bf16" if bf16_supported(device) else "fp32", True)]
     found = [StepCandidate("fp32", False), StepCandidate("fp32", True)]
-    if amx_available() and bf16_supported(device):
+    if cpu_bf16_instructions() is not None and bf16_supported(device):
         found.append(StepCandidate("bf16", True))
     return found
 

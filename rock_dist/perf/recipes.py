@@ -19,8 +19,8 @@ import torch
 
 from rock_dist.engine.fast_path import Precision, Recipe
 # The per-device choice lives with the engine; re-exported here for the benchmarks that name them from perf.
-from rock_dist.engine.recipes import (FAST_GPU_BATCH, amx_available, bf16_supported, fast_recipe, onednn_isa_cap,
-                                      reference_recipe)
+from rock_dist.engine.recipes import (FAST_GPU_BATCH, amx_available, bf16_supported, cpu_bf16_instructions,
+                                      fast_recipe, onednn_isa_cap, reference_recipe)
 
 def ladder(device: torch.device | str, *, batch_size: int | None = None, compile: bool | None = None,
            precision: Precision | None = None) -> list[Recipe]:
@@ -65,5 +65,5 @@ def _switches(recipe: Recipe) -> tuple[Any, ...]:
             recipe.fused_adam, recipe.fold_bn, recipe.device_matching)
 
 
-__all__ = ["FAST_GPU_BATCH", "bf16_supported", "onednn_isa_cap", "amx_available", "reference_recipe", "fast_recipe",
-           "ladder"]
+__all__ = ["FAST_GPU_BATCH", "bf16_supported", "onednn_isa_cap", "amx_available", "cpu_bf16_instructions",
+           "reference_recipe", "fast_recipe", "ladder"]
