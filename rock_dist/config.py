@@ -748,6 +748,8 @@ class RoomsConfig:
                                  "fragments (0: the default, 1/3000 of the image and at least 6 pixels).", 0.0)
     camera_distance: float = opt("Metres: the camera stands within this distance of the piece of furniture it "
                                  "films, so objects fill more of the picture (0: anywhere free in the room).", 0.0)
+    max_object_area: float = opt("Largest box, as a fraction of the image: a view that one object fills more than "
+                                 "this is drawn again (1: keep every view).", 1.0)
     normals_as_tgz: bool = opt("Write normals_gt.tgz instead of a normals_gt folder.", False)
     quiet: bool = opt("No progress line.", False)
 
@@ -771,14 +773,19 @@ class QuickstartConfig:
     class_tint: float = opt("Colour tint of the rooms' object classes (see python -m rock_dist.synthetic.rooms "
                             "--help): a from-scratch detector tells tinted classes apart within the CPU budget.", 1.0)
     train_fraction: float = opt("Fraction of the rooms' scenes used for training (the rest is the test set).", 0.75)
-    # Easier rooms for a from-scratch detector within the CPU budget (EXPERIMENTS.md): at a 128x160 input the SSD's
-    # coarse maps leave most small objects without a prior at IoU 0.5, so slivers under 3 % of the image get no
-    # box and the camera films from nearer (AVX2, 128x160 x 540 iterations, test AP@.5: 5.5-6.3 % -> 9.5 % with
-    # 2 %, 2 m -> 12.8 % with 3 %, 1.5 m; priors at IoU >= 0.5 for 37 % -> 60 % of the boxes).
+    # Easier rooms for a from-scratch detector within the CPU budget (docs/quickstart_experiments.md): at a 128x160
+    # input the SSD's coarse maps leave most small objects without a prior at IoU 0.5, so slivers under 3 % of the
+    # image get no box and the camera films from nearer (AVX2, 128x160 x 540 iterations, test AP@.5: 5.5-6.3 %
+    # -> 9.5 % with 2 %, 2 m -> 12.8 % with 3 %, 1.5 m; priors at IoU >= 0.5 for 37 % -> 60 % of the boxes).
     min_object_area: float = opt("Smallest visible object, as a fraction of the image, that gets a box in the rooms "
                                  "(see python -m rock_dist.synthetic.rooms --help; 0: the renderer's default).", 0.03)
     camera_distance: float = opt("Metres from the camera to the object it films in the rooms (0: anywhere; see "
                                  "python -m rock_dist.synthetic.rooms --help).", 1.5)
+    # Close-ups that one object fills (90 of the 240 test views had a box over half the image at 1.5 m) are where
+    # the small-input detector was confidently wrong: many boxes of random classes at scores >= 0.8 on a door that
+    # fills the frame, on training views too (docs/quickstart_experiments.md, session 5).
+    max_object_area: float = opt("Largest box in the rooms, as a fraction of the image: views that one object "
+                                 "fills more are drawn again (see python -m rock_dist.synthetic.rooms --help).", 0.5)
     time_budget: float = opt("End-to-end budget in seconds: the quickstart times a training step on this machine "
                              "and picks the input size and the number of iterations that fit (it prints what it "
                              "chose and why). Ignored with --num_iters.", 540.0)

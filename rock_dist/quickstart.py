@@ -237,6 +237,16 @@ def _metrics(path: Path) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
+def _picture_check(run: RunOutputs) -> Any:
+    """What the drawn boxes of `run` get right, from its test evaluation (`engine.picture_check`) at the drawing
+    threshold its weights carry."""
+    from rock_dist.engine.picture_check import check_evaluation_dir
+    from rock_dist.engine.weights import portable_paths
+
+    description = json.loads(portable_paths(run.weights)[1].read_text())
+    return check_evaluation_dir(run.metrics.parent, float(description["postprocess"]["conf_threshold"]))
+
+
 def _final_task_weights(run: RunOutputs) -> dict[str, float]:
     """The auxiliary weights a run ended with (its last checkpoint's task-weighting state)."""
     from rock_dist.config import LossConfig
@@ -291,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "--height", str(rh), "--width", str(rw), "--class_tint", str(cfg.class_tint),
                                         "--train_fraction", str(cfg.train_fraction),
                                         "--min_object_area", str(cfg.min_object_area),
-                                        "--camera_distance", str(cfg.camera_distance)])
+                                        "--camera_distance", str(cfg.camera_distance),
+                                        "--max_object_area", str(cfg.max_object_area)])
         files = _official_files(rooms)
 
     shards = work / "shards"
@@ -343,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"test AP@[.5:.95] {100 * m['AP']:.1f}   AP@.5 {100 * m['AP50']:.1f}   "
                   f"({m.get('num_images', '?')} images)   total {total:.0f} s{budget}")
     console.print("time per step: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in _STEP_SECONDS.items()))
+    console.print(_picture_check(main_run).describe())
     console.print(f"checkpoint   {main_run.weights}  (resumable checkpoints in {main_run.checkpoints})")
     console.print(f"metrics      {main_run.metrics}")
     console.print(f"tensorboard  tensorboard --logdir {main_run.tensorboard}")

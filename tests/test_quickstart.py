@@ -3,6 +3,8 @@ main command; its learning is covered by test_learning.py on the same public com
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rock_dist import quickstart
@@ -62,17 +64,20 @@ def test_rooms_are_rendered_with_the_quickstart_difficulty_flags(monkeypatch, tm
 
     monkeypatch.setattr(quickstart, "_run", record)
     with pytest.raises(Stop):
-        quickstart.main(["--workdir", str(tmp_path), "--min_object_area", "0.05", "--camera_distance", "1.2"])
+        quickstart.main(["--workdir", str(tmp_path), "--min_object_area", "0.05", "--camera_distance", "1.2",
+                         "--max_object_area", "0.6"])
     render = commands[0]
     assert render[1:3] == ["-m", "rock_dist.synthetic.rooms"]
     assert render[render.index("--min_object_area") + 1] == "0.05"
     assert render[render.index("--camera_distance") + 1] == "1.2"
+    assert render[render.index("--max_object_area") + 1] == "0.6"
     cfg = parse_config(QuickstartConfig, [])
-    assert cfg.min_object_area > 0 and cfg.camera_distance > 0  # the easier rooms are the default
+    # the easier rooms are the default
+    assert cfg.min_object_area > 0 and cfg.camera_distance > 0 and cfg.max_object_area < 1
     from rock_dist.config import RoomsConfig
 
     rooms = parse_config(RoomsConfig, ["--out", "x", *render[render.index("--min_object_area"):]])
-    assert (rooms.min_object_area, rooms.camera_distance) == (0.05, 1.2)
+    assert (rooms.min_object_area, rooms.camera_distance, rooms.max_object_area) == (0.05, 1.2, 0.6)
 
 
 @pytest.mark.slow  # four tiny trainings end to end
@@ -82,6 +87,8 @@ def test_compare_weightings_trains_each_weighting_and_tabulates_their_final_weig
                             "--compare_weightings"]) == 0
     out = capsys.readouterr().out
     assert "ROCK task weightings, same budget" in out
+    assert re.search(r"pictures: (\d+ boxes drawn at score >= 0\.4 on \d+ test images; \d+ % lie on an object|no box)",
+                     out)  # the closing summary says what the drawn boxes get right
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ rock_")}
     assert sorted(rows) == ["rock_dwa", "rock_fixed", "rock_gradnorm", "rock_uncertainty"]
     assert rows["rock_fixed"].rstrip(" │").endswith("3 / 3 / 30")  # fixed weights stay the reference's

@@ -301,6 +301,25 @@ def test_camera_distance_brings_the_camera_near_the_object_it_films() -> None:
         make_rooms_dataset("unused", 4, seed=1, height=24, width=32, camera_distance=-1.0)
 
 
+def test_max_object_area_redraws_close_ups_that_one_object_fills(tmp_path) -> None:
+    h, w, limit = 48, 64, 0.4
+
+    def filled(**options) -> list[float]:
+        out = tmp_path / f"rooms{len(options)}"
+        truth = load_ground_truth(make_rooms_dataset(out, 24, seed=3, height=h, width=w, camera_distance=1.0,
+                                                     **options).ground_truth_path)
+        return [max(((x1 - x0 + 1) * (y1 - y0 + 1) / (h * w) for x0, y0, x1, y1 in e["boxes"]), default=0.0)
+                for e in truth.values()]
+
+    close, capped = np.array(filled()), np.array(filled(max_object_area=limit))
+    assert np.mean(close > limit) >= 0.2  # filmed from within 1 m, many views are close-ups of one object
+    # A view is kept over the limit only when 8 camera draws found no other with a box (never here).
+    assert np.mean(capped > limit) < 0.5 * np.mean(close > limit)
+    assert np.mean(capped > 0) >= 0.9  # the redrawn views still show objects
+    with pytest.raises(ConfigError, match="max_object_area"):
+        make_rooms_dataset(tmp_path / "bad", 4, seed=1, height=24, width=32, min_object_area=0.2, max_object_area=0.1)
+
+
 def test_official_layout_reads_back(tmp_path) -> None:
     n = 21
     paths = make_rooms_dataset(tmp_path, n, seed=4, height=48, width=64)

@@ -422,11 +422,21 @@ def _part_indices(room: Room) -> list[tuple[int, int]]:
     return [(o, i) for o, obj in enumerate(room.objects) for i in range(len(obj.parts))]
 
 
+def largest_box_fraction(view: RenderedView) -> float:
+    """Area of the view's largest box as a fraction of the image (0 without boxes)."""
+    if len(view.boxes) == 0:
+        return 0.0
+    boxes = np.asarray(view.boxes, dtype=np.float64)  # x1 y1 x2 y2, inclusive pixel corners
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    return float(areas.max() / view.depth.size)
+
+
 def render_scene_views(room: Room, num_views: int, intrinsics: Intrinsics, rng: np.random.Generator, *,
                        min_object_pixels: int | None = None, tries: int = 8,
-                       camera_distance: float = 0.0) -> list[RenderedView]:
+                       camera_distance: float = 0.0, max_object_area: float = 1.0) -> list[RenderedView]:
     """`num_views` views of one room (one NYU scene instance), each showing at least one detection target when
-    the room allows it within `tries` camera draws, and not blocked by something right in front of the lens.
+    the room allows it within `tries` camera draws, not blocked by something right in front of the lens, and
+    with no box over `max_object_area` of the image (a close-up that one object fills).
     `camera_distance` > 0: the camera stands within that many metres of the object it films (`sample_camera`)."""
     views: list[RenderedView] = []
     for _ in range(num_views):
@@ -434,10 +444,10 @@ def render_scene_views(room: Room, num_views: int, intrinsics: Intrinsics, rng: 
         for _ in range(tries):
             camera = sample_camera(room, rng, intrinsics, max_distance=camera_distance)
             view = render_view(room, camera, rng, min_object_pixels=min_object_pixels)
-            too_close = float(np.mean(view.depth < 0.6))
-            if best is None or (len(view.boxes) > len(best.boxes) and too_close < 0.2):
+            clear = float(np.mean(view.depth < 0.6)) < 0.2 and largest_box_fraction(view) <= max_object_area
+            if best is None or (len(view.boxes) > len(best.boxes) and clear):
                 best = view
-            if len(view.boxes) > 0 and too_close < 0.2:
+            if len(view.boxes) > 0 and clear:
                 best = view
                 break
         assert best is not None
@@ -483,7 +493,7 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
                        scene_types: Sequence[str] = ROOM_SCENE_TYPES, images_per_scene: int = 3,
                        train_fraction: float = 0.55, val_fraction: float = 0.15,
                        min_object_pixels: int | None = None, min_object_area: float = 0.0,
-                       camera_distance: float = 0.0,
+                       camera_distance: float = 0.0, max_object_area: float = 1.0,
                        normals_as_tgz: bool = False, class_tint: float = 0.0,
                        progress: Callable[[int, int], None] | None = None) -> OfficialPaths:
     """Render `n` synthetic room images and write them in the official NYUv2 layout under `out_dir`.
@@ -494,7 +504,8 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     on `seed` (and the arguments). `class_tint` blends each class toward its own colour (`scenes.tint_objects`;
     the layouts and views do not change with it). `min_object_area` (a fraction of the image; 0: the default) or
     `min_object_pixels` sets the smallest visible object that gets a box (`default_min_object_pixels`);
-    `camera_distance` > 0 keeps the camera within that many metres of the object it films (0: anywhere).
+    `camera_distance` > 0 keeps the camera within that many metres of the object it films (0: anywhere);
+    `max_object_area` < 1 redraws a view (up to 8 camera draws) whose largest box covers more of the image.
     Also writes `ground_truth.json` (boxes, labels, scene, split per image).
     `progress(done, n)` is called after each image.
     """
@@ -512,6 +523,9 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
         raise ConfigError(f"--min_object_area {min_object_area}: must be a fraction of the image in [0, 1)")
     if camera_distance < 0:
         raise ConfigError(f"--camera_distance {camera_distance}: must be 0 (anywhere) or a distance in metres")
+    if not min_object_area < max_object_area <= 1.0:
+        raise ConfigError(f"--max_object_area {max_object_area}: must be a fraction of the image in "
+                          f"(--min_object_area {min_object_area}, 1]")
     if min_object_area > 0:
         min_object_pixels = max(default_min_object_pixels(height, width), round(min_object_area * height * width))
     unknown = [t for t in scene_types if t not in SCENE_CLASSES]
@@ -540,7 +554,7 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
         rng = np.random.default_rng([seed, k, 0x200])
         room = build_room(t, rng, class_tint=class_tint)
         for view in render_scene_views(room, count, intr, rng, min_object_pixels=min_object_pixels,
-                                       camera_distance=camera_distance):
+                                       camera_distance=camera_distance, max_object_area=max_object_area):
             images[i], depths[i], raw_depths[i] = view.image, view.depth, view.raw_depth
             labels[i], instances[i] = view.labels, view.instances
             normals[i], masks[i] = view.normals, view.normal_mask
@@ -582,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                scene_types=tuple(cfg.scene_types) or ROOM_SCENE_TYPES,
                                images_per_scene=cfg.images_per_scene, train_fraction=cfg.train_fraction,
                                min_object_area=cfg.min_object_area, camera_distance=cfg.camera_distance,
+                               max_object_area=cfg.max_object_area,
                                normals_as_tgz=cfg.normals_as_tgz,
                                class_tint=cfg.class_tint, progress=progress)
     # One `flag value` line per file: the arguments of `python -m rock_dist.shards build`.
