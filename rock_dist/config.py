@@ -781,11 +781,13 @@ class QuickstartConfig:
                                  "(see python -m rock_dist.synthetic.rooms --help; 0: the renderer's default).", 0.03)
     camera_distance: float = opt("Metres from the camera to the object it films in the rooms (0: anywhere; see "
                                  "python -m rock_dist.synthetic.rooms --help).", 1.5)
-    # Close-ups that one object fills (90 of the 240 test views had a box over half the image at 1.5 m) are where
-    # the small-input detector was confidently wrong: many boxes of random classes at scores >= 0.8 on a door that
-    # fills the frame, on training views too (docs/quickstart_experiments.md, session 5).
+    # Close-ups that one object fills (90 of the 240 test views have a box over half the image at 1.5 m) are where
+    # the detector is most often confidently wrong. Without them (0.5) the drawn boxes lay on objects more often
+    # after ~700 iterations (bf16, Zen 4), but AP fell after 350 (fp32, AVX2) and rendering takes 20 s longer, so
+    # the default keeps every view (docs/quickstart_experiments.md, session 5).
     max_object_area: float = opt("Largest box in the rooms, as a fraction of the image: views that one object "
-                                 "fills more are drawn again (see python -m rock_dist.synthetic.rooms --help).", 0.5)
+                                 "fills more are drawn again (see python -m rock_dist.synthetic.rooms --help; "
+                                 "1: keep every view).", 1.0)
     time_budget: float = opt("End-to-end budget in seconds: the quickstart times a training step on this machine "
                              "and picks the input size and the number of iterations that fit (it prints what it "
                              "chose and why). Ignored with --num_iters.", 540.0)
