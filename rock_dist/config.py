@@ -206,6 +206,11 @@ class TrainConfig:
                            "0.9998): updated after every optimizer step, validated beside the raw weights (val_ema/), "
                            "saved in checkpoints and as weights_final_ema.pt (docs/training.md).", 0.0,
                            group="optimisation")
+    precise_bn_batches: int = opt("After the last iteration, recompute the running statistics of the trained "
+                                  "BatchNorm layers with the final weights over this many training micro-batches "
+                                  "per process (averaged over processes), before the final validation, checkpoint "
+                                  "and weights (0: keep the running averages; docs/training.md).", 0,
+                                  group="optimisation")
     early_stopping_patience: int = opt("Stop when val AP@[.5:.95] has not improved for this many validations in a "
                                        "row (0: off; needs --val_eval_freq and a val split). Final weights and a "
                                        "checkpoint are written at the stopping iteration.", 0,
@@ -589,7 +594,7 @@ def validate(config: Any) -> None:
                    "must be at least 1"),
                   *((f"--{name}", getattr(config, name), getattr(config, name) >= 0, "must be 0 or more")
                     for name in ("warmup_iters", "val_eval_freq", "train_eval_freq", "image_to_tb_freq",
-                                 "model_save_freq")),
+                                 "model_save_freq", "precise_bn_batches")),
                   ("--task_weighting_lr", weighting.task_weighting_lr, weighting.task_weighting_lr > 0,
                    "must be positive"),
                   ("--dwa_temperature", weighting.dwa_temperature, weighting.dwa_temperature > 0, "must be positive"),

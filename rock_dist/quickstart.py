@@ -121,6 +121,8 @@ def _layout(gpus: int, num_processes: int) -> list[str]:
 
 def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_rock: bool, shards: Path,
                         work: Path, task_weighting: str = "fixed") -> RunOutputs:
+    from rock_dist.quickstart_plan import PRECISE_BN_BATCHES
+
     run_dir = work / "runs" / name
     checkpoints = run_dir / "checkpoints"
     tensorboard = run_dir / "tensorboard"
@@ -151,7 +153,7 @@ def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_r
         "--save_path", str(checkpoints), "--writer_path", str(tensorboard),
         "--coco_json_save_path", str(run_dir / "val_coco"), "--val_eval_freq", "0",
         "--model_save_freq", str(max(num_iters // 2, 1)), "--image_to_tb_freq", str(max(num_iters // 3, 1)),
-        "--train_eval_freq", "10",
+        "--train_eval_freq", "10", "--precise_bn_batches", str(PRECISE_BN_BATCHES),
     ], env)
     weights = checkpoints / "weights_final.pt"
     eval_flags = ["--no_rock"] if no_rock else []

@@ -51,6 +51,10 @@ FEWEST_ITERS = 20
 # the timed step, because the loader worker shares the cores.
 TRAIN_STARTUP_S = 25.0
 TRAINING_SLOWDOWN = 1.1
+# After the last step the training recomputes its BatchNorm statistics over this many micro-batches
+# (`--precise_bn_batches`): at the end of a run this short the running averages lag behind the weights
+# (docs/quickstart_experiments.md, session 5: test AP@.5 6.3 -> 8.0 % after 350 iterations on AVX2).
+PRECISE_BN_BATCHES = 50
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,11 @@ class BudgetPlan:
 
 
 def predicted_after_training_s(step_seconds: float, batch_size: int, eval_images: int, commands: int = 4) -> float:
-    """Seconds of everything after the last step: `commands` start-ups and forward passes over `eval_images`
-    (the val split at the end of training, then the test split by evaluate and again by detect)."""
+    """Seconds of everything after the last step: `commands` start-ups and forward passes over the BatchNorm
+    statistics pass's PRECISE_BN_BATCHES micro-batches and over `eval_images` (the val split at the end of
+    training, then the test split by evaluate and again by detect)."""
     per_image = step_seconds / max(batch_size, 1) * INFERENCE_FRACTION
-    return commands * COMMAND_STARTUP_S + per_image * eval_images
+    return commands * COMMAND_STARTUP_S + per_image * (eval_images + PRECISE_BN_BATCHES * batch_size)
 
 
 def plan_training(tiers: Sequence[TrainingTier], step_seconds: Callable[[TrainingTier], float], deadline: float,
@@ -108,4 +113,5 @@ def plan_training(tiers: Sequence[TrainingTier], step_seconds: Callable[[Trainin
 
 
 __all__ = ["TrainingTier", "TIERS", "BudgetPlan", "plan_training", "predicted_after_training_s",
-           "COMMAND_STARTUP_S", "INFERENCE_FRACTION", "FEWEST_ITERS", "TRAIN_STARTUP_S", "TRAINING_SLOWDOWN"]
+           "COMMAND_STARTUP_S", "INFERENCE_FRACTION", "FEWEST_ITERS", "TRAIN_STARTUP_S", "TRAINING_SLOWDOWN",
+           "PRECISE_BN_BATCHES"]

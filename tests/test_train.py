@@ -237,6 +237,31 @@ def test_bf16_autocast_runs_on_cpu(shard_dir: Path, tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in ckpt.unwrap(trainer.model).parameters())  # fp32 master weights
 
 
+def test_precise_bn_recomputes_the_final_statistics_without_moving_the_data_position(shard_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    common = ["--num_iters", "2", "--backbone_bn", "train"]
+    plain = train(make_cfg(shard_dir, tmp_path / "plain", *common))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    precise = train(make_cfg(shard_dir, tmp_path / "precise", *common, "--precise_bn_batches", "3"))
+    assert precise.losses == plain.losses  # the training itself is the same
+    a = ckpt.read_checkpoint(plain.final_weights)["model"]
+    b = ckpt.read_checkpoint(precise.final_weights)["model"]
+    tracked = [k for k in a if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(a[k]) == 2 for k in tracked)  # one forward per training step
+    assert all(int(b[k]) == 3 for k in tracked)  # reset, then the 3 micro-batches of the pass
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("running_var"))
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+    last = {name: ckpt.read_checkpoint(dict(ckpt.periodic_checkpoints(tmp_path / name / "ckpt"))[2])
+            for name in ("plain", "precise")}
+    # The pass's batches are not counted: a resume reads the stream where the training steps left it.
+    assert ckpt.samples_seen_of(last["precise"]) == ckpt.samples_seen_of(last["plain"]) > 0
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--train_path", "x", "--precise_bn_batches", "-1"])
+
+
 def test_run_plan_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     base = parse_config(TrainConfig, [])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -598,6 +598,9 @@ class Trainer:
                 window, window_steps, window_start = {}, 0, now
             if trackers.takes_pictures and cfg.image_to_tb_freq > 0 and st.step % cfg.image_to_tb_freq == 0:
                 self._log_pictures(trackers, micro[-1])
+            if st.step == cfg.num_iters and cfg.precise_bn_batches > 0:
+                self._recompute_batchnorm_stats(console)
+                step_start = time.perf_counter()
             # The last iteration always evaluates (before its checkpoint, which then carries the best metric).
             evaluated = self._eval_due(st.step) or (st.step == cfg.num_iters and self.val_manifest is not None)
             if evaluated:
@@ -611,6 +614,42 @@ class Trainer:
                 result.early_stopped = True
                 console.always(f"{self._early_stop_reason()}: stopping at iteration {st.step} of {cfg.num_iters}")
                 return
+
+    def _recompute_batchnorm_stats(self, console: TrainConsole) -> None:
+        """`--precise_bn_batches`: the final weights' BatchNorm statistics from fresh training micro-batches
+        (engine/precise_bn.py), the same on every rank. The batches do not count as samples seen, so a resume from
+        the final checkpoint reads the stream where the training steps left it."""
+        from rock_dist.data.batch import prepare_batch
+        from rock_dist.engine.precise_bn import average_batchnorm_stats, recompute_batchnorm_stats
+
+        n = self.cfg.precise_bn_batches
+        seen = self.state.samples_seen
+        module = ckpt.unwrap(self.model)  # not through DDP, which would broadcast rank 0's buffers every forward
+        failure: list[str] = []
+
+        def batches() -> Iterator[Mapping[str, torch.Tensor]]:
+            for _ in range(n):
+                try:
+                    yield self._next_batch()
+                except (RockError, OSError, ValueError, RuntimeError) as err:
+                    failure.append(f"rank {self.rank}: {err}")
+                    return
+
+        def forward(batch: Mapping[str, torch.Tensor]) -> None:
+            prepared = prepare_batch(batch, self.device, channels_last=self.plan.channels_last)
+            with self.accelerator.autocast():
+                module(prepared["images"])
+
+        start = time.perf_counter()
+        used = recompute_batchnorm_stats(module, batches(), forward, num_batches=n)
+        self.state.samples_seen = seen
+        if any_rank(bool(failure), self.device):  # agreed before the averaging collective
+            _raise_every_rank(failure[0] if failure else None,
+                              "the training data failed on some process while recomputing BatchNorm statistics")
+        if self.world_size > 1:
+            average_batchnorm_stats(module, lambda t: self.accelerator.reduce(t, "mean"))
+        console.always(f"step {self.state.step}: BatchNorm statistics recomputed with the final weights over {used} "
+                       f"micro-batch(es) per process ({time.perf_counter() - start:.1f} s)")
 
     # ------------------------------------------------------------------------------------------------ supervision
     def _take_run_lock(self, console: TrainConsole) -> RunLock | None:
