@@ -8,6 +8,7 @@ The `Recipe` type and the code that applies it are in `engine.fast_path`; this m
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -57,18 +58,28 @@ def amx_available() -> bool:
 _BF16_CAP_WORDS = ("BF16", "AMX", "FP16", "AVX10")
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_text() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""  # not Linux: callers fall back (no bf16 instructions assumed, the platform's CPU name)
+
+
+def cpuinfo_value(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key is one of `keys` (lower-case, e.g. "model name"),
+    stripped; None where there is no such line or no /proc/cpuinfo. The file is read once per process."""
+    for line in _cpuinfo_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in keys:
+            return value.strip()
+    return None
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux reports them (/proc/cpuinfo "flags" on x86, "Features" on Arm), lower-case;
     empty where there is no /proc/cpuinfo (then no bf16 instructions are assumed and the CPU stays fp32)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return frozenset(value.lower().split())
-    return frozenset()
+    return frozenset((cpuinfo_value("flags", "features") or "").lower().split())
 
 
 def cpu_bf16_instructions(flags: frozenset[str] | None = None) -> str | None:
@@ -119,4 +130,4 @@ def fast_recipe(device: torch.device | str, batch_size: int | None = None) -> Re
 
 
 __all__ = ["FAST_GPU_BATCH", "bf16_supported", "onednn_isa_cap", "amx_available", "cpu_bf16_instructions",
-           "cpu_flags", "reference_recipe", "fast_recipe"]
+           "cpu_flags", "cpuinfo_value", "reference_recipe", "fast_recipe"]

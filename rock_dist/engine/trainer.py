@@ -112,6 +112,11 @@ class TrainResult:
     task_weights: dict[str, float] | None = None  # the adaptive auxiliary weights after the last step
 
 
+# What reading the next training micro-batch raises for bad data: a corrupt shard, an unreadable file, a loader
+# worker killed (RuntimeError from the DataLoader). Caught per rank, then agreed on by every rank.
+STREAM_ERRORS = (RockError, OSError, ValueError, RuntimeError)
+
+
 def _raise_every_rank(error: str | None, what: str) -> None:
     """Raise on every rank, once all know some rank failed, one DataError carrying every failing rank's message
     (collective: every rank calls it, `error` None on the ranks that did not fail)."""
@@ -562,9 +567,8 @@ class Trainer:
             position_at_step = st.samples_seen - len(pending) * self.plan.batch_size * self.world_size
             try:
                 micro = pending + [self._next_batch() for _ in range(self.plan.accumulation_steps - len(pending))]
-            except (RockError, OSError, ValueError, RuntimeError) as err:
-                # A corrupt shard, an unreadable file, a loader worker killed (RuntimeError from the DataLoader):
-                # agreed on below, so the other ranks stop with this message instead of waiting in a collective.
+            except STREAM_ERRORS as err:
+                # Agreed on below, so the other ranks stop with this message instead of waiting in a collective.
                 error = f"rank {self.rank}: {err}"
             if self._stop_agreed(error, position_at_step):
                 self._stop_for_preemption(console)
@@ -631,7 +635,7 @@ class Trainer:
             for _ in range(n):
                 try:
                     yield self._next_batch()
-                except (RockError, OSError, ValueError, RuntimeError) as err:
+                except STREAM_ERRORS as err:
                     failure.append(f"rank {self.rank}: {err}")
                     return
 

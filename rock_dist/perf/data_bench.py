@@ -336,13 +336,9 @@ def _synthetic_shards(out: Path, n: int, seed: int) -> str:
 
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (platform fallbacks elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from rock_dist.engine.recipes import cpuinfo_value
+
+    return cpuinfo_value("model name") or platform.processor() or platform.machine()
 
 
 def run_data_benchmark(shards: str | None = None, *, num_samples: int = 200, batch_size: int = 8,
