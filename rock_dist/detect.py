@@ -89,7 +89,9 @@ def _save_png(tensor: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     with atomic_path(path) as tmp:
-        Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        # zlib level 1 instead of PIL's 6: on a 2-core AMD EPYC a 640x480 picture took 29 ms instead of 99 ms for
+        # 30 % more bytes, and the encoder was half of the quickstart's drawing step (27 of 59 s for 240 images).
+        Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, format="PNG", compress_level=1)
 
 
 class Detector:

@@ -105,12 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{manifest.path} lists {class_names}")
 
     loss_config = plan.postprocess.loss_config()
-    image_size = plan.image_size
     loader = make_eval_loader(eval_loader_spec(plan, cfg.test_path, cfg.num_workers))  # -1: the pipeline's choice
 
-    console.print(f"[bold]Evaluating[/] {cfg.model_path} ({model_config.backbone}, "
-                  f"{'ROCK: ' + ' '.join(model_config.tasks) if model_config.tasks else 'baseline SSD'}, "
-                  f"input {image_size[0]}x{image_size[1]}) on {manifest.num_samples} images of {cfg.test_path} "
+    console.print(f"[bold]Evaluating[/] {cfg.model_path} ({model_config.describe()}) on {manifest.num_samples} "
+                  f"images of {cfg.test_path} "
                   f"with {accelerator.num_processes} process(es) on {accelerator.device}; decoding: "
                   f"{describe_postprocess(plan.postprocess, meta['postprocess'], given)}")
 

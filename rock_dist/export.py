@@ -161,9 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, model_config, meta = load_model(cfg.model_path, "cpu")  # DataError for anything but rock_dist weights
     fold_all_batchnorm(model.eval())
     out = Path(cfg.out) if cfg.out else Path(cfg.model_path).with_suffix(".onnx")
-    console.print(f"Exporting {cfg.model_path} ({model_config.backbone}, "
-                  f"{'ROCK: ' + ' '.join(model_config.tasks) if model_config.tasks else 'baseline SSD'}, input "
-                  f"{model_config.image_size[0]}x{model_config.image_size[1]}) to {out} (ONNX opset {cfg.opset}, "
+    console.print(f"Exporting {cfg.model_path} ({model_config.describe()}) to {out} (ONNX opset {cfg.opset}, "
                   "dynamic batch)")
     export_onnx(model, model_config, meta, out, cfg.opset)
     console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); outputs: "

@@ -136,7 +136,8 @@ def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_r
     # iterations: AP@.5 5.2 % → 6.3 %, objects' mean background probability 0.75 → 0.33); and a few hundred
     # iterations are too few for the SSD crop's zoomed views to pay off (650 iterations: AP@.5 6.9 % → 10.3 %
     # without crops; flips and colour jitter stay).
-    model_flags = ["--backbone", cfg.backbone, "--pretrained", "none", "--backbone_bn", "train",
+    model_flags = ["--backbone", cfg.backbone, "--backbone_stages", str(cfg.backbone_stages), "--extra_layers",
+                   cfg.extra_layers, "--pretrained", "none", "--backbone_bn", "train",
                    "--image_size", str(h), str(w), "--use_all_priors_conf_loss", "--no_crops", "--color_jitter",
                    cfg.color_jitter, *run.speed_flags]
     if no_rock:
@@ -165,7 +166,8 @@ def _train_and_evaluate(cfg: QuickstartConfig, run: ResolvedRun, name: str, no_r
 def _tier_model_config(cfg: QuickstartConfig, image_size: tuple[int, int]) -> Any:
     from rock_dist.config import ModelConfig
 
-    return ModelConfig(backbone=cfg.backbone, pretrained="none", backbone_bn="train", image_size=image_size,
+    return ModelConfig(backbone=cfg.backbone, backbone_stages=cfg.backbone_stages, extra_layers=cfg.extra_layers,
+                       pretrained="none", backbone_bn="train", image_size=image_size,
                        use_all_priors_conf_loss=True, no_rock=cfg.no_rock and not cfg.compare)
 
 
@@ -216,8 +218,8 @@ def resolve_run(cfg: QuickstartConfig, deadline: float, eval_images: int) -> Res
     tuned: dict[str, Any] = {}
 
     def step_seconds(tier: Any) -> float:
-        # The precision / memory-format ranking is a property of the CPU: the best tier's winner is reused for
-        # the cheaper tiers, which are then timed with it alone.
+        # The precision / memory-format ranking is a property of the CPU: the first tier timed (the cheapest)
+        # ranks every candidate, and the dearer tiers are timed with its winner alone.
         first = next(iter(tuned.values()), None)
         tuned[tier.name] = _autotune(cfg, tier.image_size, tier.batch_size, only=[first.best] if first else None)
         return tuned[tier.name].best_seconds

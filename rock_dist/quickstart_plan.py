@@ -3,9 +3,12 @@
 Called by `rock_dist.quickstart` after the rooms are rendered and sharded. The tiers below are listed best first;
 each is the cheapest configuration measured to learn at its size (README, "How the defaults were chosen"). The plan
 times one training step of a tier on this machine (`perf.autotune`, cached), predicts what evaluation and drawing
-will cost afterwards from that step time, and gives training whatever is left of the budget. The first tier that
-can afford its minimum number of iterations wins; on a fast CPU (AMX) or a GPU the top tier gets more iterations,
-up to its maximum. Everything here is arithmetic on measured seconds, so a test can inject the step timings.
+will cost afterwards from that step time, and gives training whatever is left of the budget. The cheapest tier is
+timed first; a dearer tier is timed only when its step, extrapolated from the cheapest one by pixels, could leave
+room for its minimum iterations (on a slow CPU, timing a 240x320 step that cannot fit cost 30-40 s of the budget).
+The first tier that can afford its minimum number of iterations wins; on a fast CPU (AMX) or a GPU the top tier
+gets more iterations, up to its maximum. Everything here is arithmetic on measured seconds, so a test can inject
+the step timings.
 """
 
 from __future__ import annotations
@@ -51,10 +54,18 @@ FEWEST_ITERS = 20
 # the timed step, because the loader worker shares the cores.
 TRAIN_STARTUP_S = 25.0
 TRAINING_SLOWDOWN = 1.1
+# Step time grows a little more slowly than the pixels of a step (bigger maps use the cores better): measured on a
+# 2-core AMD EPYC (AVX2), resnet18 batch 8 from 128x160 to 176x240 (2.06x the pixels) 1.89x, to 240x320 (3.75x)
+# 3.3x, i.e. 0.88-0.92 of proportional. 0.8 keeps the extrapolation optimistic, so a tier that might fit is timed.
+PIXEL_SCALING = 0.8
 # After the last step the training recomputes its BatchNorm statistics over this many micro-batches
 # (`--precise_bn_batches`): at the end of a run this short the running averages lag behind the weights
 # (docs/quickstart_experiments.md, session 5: test AP@.5 6.3 -> 8.0 % after 350 iterations on AVX2).
 PRECISE_BN_BATCHES = 50
+
+
+def _pixels(tier: TrainingTier) -> int:
+    return tier.image_size[0] * tier.image_size[1] * tier.batch_size
 
 
 @dataclass(frozen=True)
@@ -80,20 +91,36 @@ def predicted_after_training_s(step_seconds: float, batch_size: int, eval_images
 def plan_training(tiers: Sequence[TrainingTier], step_seconds: Callable[[TrainingTier], float], deadline: float,
                   *, eval_images: int, clock: Callable[[], float] = time.perf_counter) -> BudgetPlan:
     """The first tier of `tiers` whose minimum iterations fit before `deadline` (a `clock()` time), with as many
-    iterations as fit (at most its maximum). `step_seconds(tier)` measures a tier; it is called lazily, best tier
-    first, and the time it takes is spent from the budget. When even the last tier cannot reach its minimum, it
-    runs what fits (at least FEWEST_ITERS) and the reason says the budget is too short."""
+    iterations as fit (at most its maximum). `step_seconds(tier)` measures a tier and the time it takes is spent
+    from the budget: it is called for the cheapest (last) tier first, then, best first, for each dearer tier whose
+    step extrapolated from the cheapest by pixels (x PIXEL_SCALING) could afford its minimum iterations.
+    When even the last tier cannot reach its minimum, it runs what fits (at least FEWEST_ITERS) and the reason
+    says the budget is too short."""
     if not tiers:
         raise ValueError("plan_training needs at least one tier")
     notes: list[str] = []
-    for k, tier in enumerate(tiers):
-        step_s = float(step_seconds(tier))
+    cheapest = tiers[-1]
+    cheapest_s = float(step_seconds(cheapest))
+
+    def room(tier: TrainingTier, step_s: float) -> tuple[int, float, float]:
+        """(iterations that fit, seconds predicted after training, seconds left for the training steps)."""
         after = predicted_after_training_s(step_s, tier.batch_size, eval_images)
         left = deadline - clock() - after - TRAIN_STARTUP_S
-        loop_step_s = step_s * TRAINING_SLOWDOWN
-        fits = max(0, math.floor(left / loop_step_s)) if step_s > 0 else tier.max_iters
-        iters = min(fits, tier.max_iters)
+        fits = max(0, math.floor(left / (step_s * TRAINING_SLOWDOWN))) if step_s > 0 else tier.max_iters
+        return fits, after, left
+
+    for k, tier in enumerate(tiers):
         last = k == len(tiers) - 1
+        if not last:
+            guess_s = cheapest_s * PIXEL_SCALING * _pixels(tier) / _pixels(cheapest)
+            if room(tier, guess_s)[0] < tier.min_iters:
+                notes.append(f"{tier.name}: about {guess_s:.2f} s per step (extrapolated from {cheapest.name}, "
+                             f"not timed) leaves room for fewer than {tier.min_iters} iterations")
+                continue
+        step_s = cheapest_s if last else float(step_seconds(tier))
+        fits, after, left = room(tier, step_s)
+        loop_step_s = step_s * TRAINING_SLOWDOWN
+        iters = min(fits, tier.max_iters)
         if iters >= tier.min_iters or last:
             short = iters < tier.min_iters
             iters = max(iters, FEWEST_ITERS)
@@ -114,4 +141,4 @@ def plan_training(tiers: Sequence[TrainingTier], step_seconds: Callable[[Trainin
 
 __all__ = ["TrainingTier", "TIERS", "BudgetPlan", "plan_training", "predicted_after_training_s",
            "COMMAND_STARTUP_S", "INFERENCE_FRACTION", "FEWEST_ITERS", "TRAIN_STARTUP_S", "TRAINING_SLOWDOWN",
-           "PRECISE_BN_BATCHES"]
+           "PRECISE_BN_BATCHES", "PIXEL_SCALING"]

@@ -101,6 +101,38 @@ def test_basic_block_backbones_are_dilated(name: str) -> None:
         assert model.backbone(torch.randn(1, 3, 96, 128)).shape == (1, 512, 6, 8)
 
 
+def test_three_stage_trunk_and_light_extra_layers_keep_every_output_shape() -> None:
+    reference = build_model(small_config())
+    light = build_model(small_config(backbone_stages=3, extra_layers="light"))
+    assert light.backbone.layer4 is None and light.backbone.out_channels == 256
+    assert [m.out_channels for m in light.head.extra_layers[0] if isinstance(m, nn.Conv2d)] == [256, 512]
+    assert [m.out_channels for m in reference.head.extra_layers[0] if isinstance(m, nn.Conv2d)] == [1024, 1024]
+    # Same maps, priors and auxiliary targets as the reference network, with far fewer weights.
+    assert torch.equal(light.priors, reference.priors)
+    assert n_params(light) < 0.5 * n_params(reference)
+    light.eval()
+    with torch.no_grad():
+        out = light(torch.randn(2, 3, *SMALL))
+    h, w = feature_map_sizes(SMALL, "resnet18")[0]
+    assert out["loc"].shape == (2, num_priors(SMALL, "resnet18"), 4) and out["depth"].shape == (2, 1, h, w)
+    assert out["normals"].shape == (2, 3, h, w) and out["scene"].shape == (2, 27)
+    assert light.config.describe() == ("resnet18 (3 stages, light extra layers), ROCK: scene depth normals, "
+                                       "input 128x160")
+    assert reference.config.describe().startswith("resnet18, ROCK")
+
+
+def test_a_three_stage_trunk_loads_four_stage_weights_without_layer4(tmp_path: Path) -> None:
+    src = build_model(small_config(no_rock=True))
+    path = tmp_path / "resnet18.pt"
+    torch.save({**src.backbone.state_dict(), "fc.weight": torch.zeros(1000, 512)}, path)
+    model = build_model(small_config(backbone_stages=3, pretrained=str(path)))
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, src.backbone.layer3[1].conv2.weight)
+    with pytest.raises(ConfigError, match="--backbone_stages 5"):
+        build_model(small_config(backbone_stages=5))
+    with pytest.raises(ConfigError, match="--extra_layers"):
+        build_model(small_config(extra_layers="huge"))
+
+
 # ---------------------------------------------------------------------------------------------- frozen BatchNorm
 def test_backbone_batchnorm_stays_in_eval_mode() -> None:
     model = build_model(small_config())

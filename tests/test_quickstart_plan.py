@@ -17,39 +17,51 @@ TOP = TrainingTier("big", (240, 320), 8, min_iters=500, max_iters=1500)
 LOW = TrainingTier("small", (176, 240), 8, min_iters=250, max_iters=1500)
 
 
-def _plan(step_s: dict[str, float], budget_s: float, *, tiers=(TOP, LOW)):
+def _plan(step_s: dict[str, float], budget_s: float, *, tiers=(TOP, LOW), timed: list[str] | None = None):
     now = [0.0]
 
     def step_seconds(tier: TrainingTier) -> float:
         now[0] += 3 * step_s[tier.name]  # the measurement itself spends budget
+        if timed is not None:
+            timed.append(tier.name)
         return step_s[tier.name]
 
-    return plan_training(tiers, step_seconds, deadline=budget_s, eval_images=500, clock=lambda: now[0])
+    plan = plan_training(tiers, step_seconds, deadline=budget_s, eval_images=500, clock=lambda: now[0])
+    return plan, now[0]
 
 
 def test_slower_steps_get_fewer_iterations() -> None:
-    fast = _plan({"big": 0.5, "small": 0.3}, 600)
-    slow = _plan({"big": 0.8, "small": 0.5}, 600)
+    (fast, fast_timing_s), (slow, slow_timing_s) = _plan({"big": 0.5, "small": 0.3}, 600), _plan(
+        {"big": 0.8, "small": 0.5}, 600)
     assert fast.tier is TOP and slow.tier is TOP
     assert slow.num_iters < fast.num_iters
-    # The predicted iterations fill the budget: training + what comes after + start-up stay within it.
-    for plan in (fast, slow):
+    # The predicted iterations fill the budget: timing + training + what comes after + start-up stay within it.
+    for plan, timing_s in ((fast, fast_timing_s), (slow, slow_timing_s)):
         loop_step = plan.train_seconds / plan.num_iters  # the timed step with the loop's slowdown
-        spent = 3 * plan.step_seconds + plan.train_seconds + plan.after_seconds + TRAIN_STARTUP_S
+        spent = timing_s + plan.train_seconds + plan.after_seconds + TRAIN_STARTUP_S
         assert loop_step > plan.step_seconds and spent <= 600 and spent > 600 - loop_step - 1e-9
         assert str(plan.num_iters) in plan.reason
 
 
 def test_a_slow_machine_falls_back_to_the_cheaper_tier_and_a_fast_one_caps_at_the_maximum() -> None:
-    slow = _plan({"big": 1.5, "small": 0.9}, 600)
+    timed: list[str] = []
+    slow, _ = _plan({"big": 1.5, "small": 0.6}, 600, timed=timed)
     assert slow.tier is LOW and slow.num_iters >= LOW.min_iters
     assert "big" in slow.reason  # says why the better tier was dropped
-    fast = _plan({"big": 0.05, "small": 0.03}, 600)
+    assert timed == ["small", "big"]  # big's extrapolation (0.6 x 0.8 x 1.82 = 0.87 s) might fit: it is timed
+    fast, _ = _plan({"big": 0.05, "small": 0.03}, 600)
     assert fast.tier is TOP and fast.num_iters == TOP.max_iters and "maximum" in fast.reason
 
 
+def test_a_tier_that_cannot_fit_even_when_extrapolated_optimistically_is_not_timed() -> None:
+    timed: list[str] = []
+    plan, timing_s = _plan({"big": 4.0, "small": 2.5}, 600, timed=timed)
+    assert timed == ["small"] and timing_s == 3 * 2.5  # only the cheap tier's measurement spent budget
+    assert plan.tier is LOW and "not timed" in plan.reason and "big" in plan.reason
+
+
 def test_too_short_a_budget_still_trains_and_says_so() -> None:
-    plan = _plan({"big": 5.0, "small": 4.0}, 150)
+    plan, _ = _plan({"big": 5.0, "small": 4.0}, 150)
     assert plan.tier is LOW and plan.num_iters == FEWEST_ITERS and "--time_budget" in plan.reason
 
 

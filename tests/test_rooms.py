@@ -195,9 +195,9 @@ def _read_arrays(path) -> dict[str, np.ndarray]:
         return {k: h5[k][()] for k in ("images", "depths", "rawDepths", "labels", "instances")}
 
 
-def test_dataset_is_deterministic_under_the_seed(tmp_path) -> None:
+def test_dataset_is_deterministic_under_the_seed_whatever_the_number_of_workers(tmp_path) -> None:
     a = make_rooms_dataset(tmp_path / "a", 6, seed=11, height=32, width=40)
-    b = make_rooms_dataset(tmp_path / "b", 6, seed=11, height=32, width=40)
+    b = make_rooms_dataset(tmp_path / "b", 6, seed=11, height=32, width=40, workers=2)  # two processes
     c = make_rooms_dataset(tmp_path / "c", 6, seed=12, height=32, width=40)
     arr_a, arr_b, arr_c = (_read_arrays(p.dataset_path) for p in (a, b, c))
     for key in arr_a:

@@ -544,9 +544,8 @@ class Trainer:
             f"rock_dist train: {self.world_size} process(es) ({acc.distributed_type.value}, {self.device}), "
             f"global batch {self.global_batch} = {self.plan.batch_size} x {self.plan.accumulation_steps} "
             f"accumulation x {self.world_size}, precision {self.plan.precision}, channels_last "
-            f"{self.plan.channels_last}, compile {self.plan.compile}, model {cfg.model.backbone} "
-            f"{'SSD' if cfg.model.no_rock else 'ROCK ' + '+'.join(self.model_config.tasks)} "
-            f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}, {cfg.num_iters} iterations")
+            f"{self.plan.channels_last}, compile {self.plan.compile}, model {self.model_config.describe()}, "
+            f"{cfg.num_iters} iterations")
 
     def _eval_due(self, step: int) -> bool:
         f = self.cfg.val_eval_freq

@@ -1,7 +1,8 @@
 """Dilated ResNet backbone with frozen BatchNorm statistics, and its pretrained weights.
 
 Called by `builder.build_model`. The backbone is a torchvision ResNet (18, 34 or 50) whose last stage uses dilation
-instead of stride (output stride 16: 480x640 → 30x40) and whose avgpool/fc are gone. Its BatchNorm layers always
+instead of stride (output stride 16: 480x640 → 30x40) and whose avgpool/fc are gone; with `stages=3` it ends after
+layer3 instead (same output stride, half the channels, docs/architecture.md). Its BatchNorm layers always
 run in eval mode — running statistics stay those of the pretrained weights, because the detection batches (8 per
 GPU in the reference) are too small to estimate them — while their affine weights keep training.
 
@@ -33,34 +34,44 @@ from rock_dist.fsutil import atomic_path
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 20.0
 
+# Output channels of layer4 and of layer3 (the trunk's end with stages=3).
 _CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+_LAYER3_CHANNELS = {"resnet18": 256, "resnet34": 256, "resnet50": 1024}
+STAGES = (3, 4)
 
 
 class ResNetBackbone(nn.Module):
     """ResNet trunk: stem + layer1..layer4 (last stage dilated). Input B x 3 x H x W → B x C x ceil(H/16) x ceil(W/16).
 
-    C = 2048 (resnet50) or 512 (resnet18/34). Parameter names equal torchvision's (`conv1`, `bn1`, `layer1`, ...),
+    C = 2048 (resnet50) or 512 (resnet18/34). With `stages=3` there is no layer4 (`self.layer4` is None) and
+    C = 1024 (resnet50) or 256 (resnet18/34): the map has the same size, because the dilated layer4 keeps the stride.
+    Parameter names equal torchvision's (`conv1`, `bn1`, `layer1`, ...),
     so torchvision state dicts load directly. With `freeze_bn` (the reference's choice) BatchNorm layers stay in eval
     mode whatever `train()` is called with; without it they behave like any BatchNorm (training from scratch, where
     frozen initial statistics would leave the deep trunk unnormalised).
     """
 
-    def __init__(self, name: str = "resnet50", freeze_bn: bool = True) -> None:
+    def __init__(self, name: str = "resnet50", freeze_bn: bool = True, stages: int = 4) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ConfigError(f"--backbone {name!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+        if stages not in STAGES:
+            raise ConfigError(f"--backbone_stages {stages}: choose {' or '.join(map(str, STAGES))}")
         self.name = name
-        self.out_channels = _CHANNELS[name]
+        self.stages = stages
+        self.out_channels = _CHANNELS[name] if stages == 4 else _LAYER3_CHANNELS[name]
         net = _make_dilated_resnet(name)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.layer4: nn.Module | None = net.layer4 if stages == 4 else None
         self.freeze_bn = freeze_bn
         if freeze_bn:
             self.freeze_batchnorm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return x if self.layer4 is None else self.layer4(x)
 
     def freeze_batchnorm(self) -> None:
         """Put every BatchNorm in eval mode (running statistics frozen; affine weights still train)."""
@@ -192,8 +203,9 @@ def load_backbone_weights(backbone: ResNetBackbone, pretrained: str) -> None:
         path = Path(pretrained).expanduser()
         flag = "--pretrained"
     state = _read_state_dict(path, flag)
-    # The ImageNet classifier is not part of the backbone.
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # The ImageNet classifier is not part of the backbone, nor is layer4 in a three-stage trunk.
+    dropped = ("fc.",) if backbone.layer4 is not None else ("fc.", "layer4.")
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     own = backbone.state_dict()
     # Old torchvision files lack BatchNorm's num_batches_tracked; BatchNorm fills it in when loading.
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
@@ -214,12 +226,14 @@ def load_backbone_weights(backbone: ResNetBackbone, pretrained: str) -> None:
     backbone.load_state_dict(state, strict=False)  # completeness checked above
 
 
-def build_backbone(name: str = "resnet50", pretrained: str = "none", freeze_bn: bool = True) -> ResNetBackbone:
-    """A dilated ResNet backbone with weights from `pretrained` ('imagenet' | 'none' | path)."""
-    backbone = ResNetBackbone(name, freeze_bn)
+def build_backbone(name: str = "resnet50", pretrained: str = "none", freeze_bn: bool = True,
+                   stages: int = 4) -> ResNetBackbone:
+    """A dilated ResNet backbone (`stages` 4, or 3 without layer4) with weights from `pretrained`
+    ('imagenet' | 'none' | path)."""
+    backbone = ResNetBackbone(name, freeze_bn, stages)
     load_backbone_weights(backbone, pretrained)
     return backbone
 
 
-__all__ = ["ResNetBackbone", "build_backbone", "load_backbone_weights", "imagenet_cache_path",
+__all__ = ["ResNetBackbone", "build_backbone", "STAGES", "load_backbone_weights", "imagenet_cache_path",
            "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S"]

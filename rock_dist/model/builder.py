@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from rock_dist.config import BACKBONES, LossConfig, ModelConfig
 from rock_dist.errors import ConfigError
-from rock_dist.model.backbone import build_backbone
+from rock_dist.model.backbone import STAGES, build_backbone
 from rock_dist.model.boxes import match_priors
 from rock_dist.model.detector import ROCKDetector
 from rock_dist.model.losses import Matcher, ROCKCriterion
 from rock_dist.model.priors import feature_map_sizes
+from rock_dist.model.ssd_head import EXTRA_WIDTHS
 from rock_dist.tasks import registry
 
 
@@ -34,6 +35,10 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"num_classes {cfg.num_classes}: need background plus at least one class")
     if cfg.num_scenes < 2 and "scene" in cfg.tasks:
         raise ConfigError(f"num_scenes {cfg.num_scenes}: the scene task needs at least two scene types")
+    if cfg.backbone_stages not in STAGES:
+        raise ConfigError(f"--backbone_stages {cfg.backbone_stages}: choose {' or '.join(map(str, STAGES))}")
+    if cfg.extra_layers not in EXTRA_WIDTHS:
+        raise ConfigError(f"--extra_layers {cfg.extra_layers!r}: choose {' or '.join(EXTRA_WIDTHS)}")
     if cfg.backbone_bn not in ("frozen", "train"):
         raise ConfigError(f"--backbone_bn {cfg.backbone_bn!r}: choose frozen or train")
     if cfg.depth_loss not in ("smoothl1", "berhu"):
@@ -46,7 +51,8 @@ def build_model(cfg: ModelConfig) -> ROCKDetector:
     Only the auxiliary branches of `cfg.tasks` are built. Raises ConfigError for bad settings or unavailable weights.
     """
     check_model_config(cfg)
-    return ROCKDetector(cfg, build_backbone(cfg.backbone, cfg.pretrained, freeze_bn=cfg.backbone_bn == "frozen"))
+    return ROCKDetector(cfg, build_backbone(cfg.backbone, cfg.pretrained, freeze_bn=cfg.backbone_bn == "frozen",
+                                            stages=cfg.backbone_stages))
 
 
 def build_criterion(cfg: ModelConfig, loss: LossConfig, matcher: Matcher = match_priors) -> ROCKCriterion:

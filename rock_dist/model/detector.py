@@ -37,7 +37,8 @@ class ROCKDetector(nn.Module):
         self.tasks: tuple[str, ...] = config.tasks
         self.backbone = backbone
         self.rock = (ROCKBlock(backbone.out_channels, self.tasks, config.num_scenes) if self.tasks else None)
-        self.head = SSDHead(backbone.out_channels, config.num_classes, config.image_size, config.backbone)
+        self.head = SSDHead(backbone.out_channels, config.num_classes, config.image_size, config.backbone,
+                            config.extra_layers)
         # Derived from the configuration, so not saved in state dicts (a checkpoint cannot carry stale priors).
         self.register_buffer("priors", make_priors(config.image_size, config.backbone), persistent=False)
 

@@ -95,7 +95,9 @@ def machine_key(device: torch.device, model_config: Any, batch_size: int) -> str
     cap = onednn_isa_cap()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     parts = [cpu_name(), f"isa={cap}", f"torch={torch.__version__}", f"threads={torch.get_num_threads()}",
-             f"device={device.type}:{gpu}", f"model={model_config.backbone}:{tuple(model_config.image_size)}:"
+             f"device={device.type}:{gpu}",
+             f"model={model_config.backbone}/{model_config.backbone_stages}:{model_config.extra_layers}:"
+             f"{tuple(model_config.image_size)}:"
              f"{'+'.join(model_config.tasks) or 'ssd'}:{model_config.backbone_bn}", f"batch={batch_size}"]
     return " | ".join(parts)
 

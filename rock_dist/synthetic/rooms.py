@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -489,12 +489,49 @@ def _split_scenes(scene_types: list[str], rng: np.random.Generator, train_fracti
     return sorted(train), sorted(test), val
 
 
+@dataclass(frozen=True)
+class _SceneJob:
+    """Everything one scene instance's views depend on (picklable, for the worker processes)."""
+
+    seed: int
+    index: int
+    scene_type: str
+    num_views: int
+    intrinsics: Intrinsics
+    class_tint: float
+    min_object_pixels: int | None
+    camera_distance: float
+    max_object_area: float
+
+
+def _render_scene(job: _SceneJob) -> list[RenderedView]:
+    # Each scene instance has its own stream, so a room looks the same whatever else is generated, and in
+    # whichever process.
+    rng = np.random.default_rng([job.seed, job.index, 0x200])
+    room = build_room(job.scene_type, rng, class_tint=job.class_tint)
+    return render_scene_views(room, job.num_views, job.intrinsics, rng, min_object_pixels=job.min_object_pixels,
+                              camera_distance=job.camera_distance, max_object_area=job.max_object_area)
+
+
+def _render_scenes(jobs: Sequence[_SceneJob], workers: int) -> Iterator[list[RenderedView]]:
+    """The views of each job, in order; rendered in `workers` processes when there is more than one."""
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_render_scene, jobs)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        # A few scenes per task: each view is a few milliseconds of numpy, so one scene per task would spend a
+        # noticeable share of the time pickling.
+        yield from pool.map(_render_scene, jobs, chunksize=4)
+
+
 def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, height: int = 480, width: int = 640, *,
                        scene_types: Sequence[str] = ROOM_SCENE_TYPES, images_per_scene: int = 3,
                        train_fraction: float = 0.55, val_fraction: float = 0.15,
                        min_object_pixels: int | None = None, min_object_area: float = 0.0,
                        camera_distance: float = 0.0, max_object_area: float = 1.0,
-                       normals_as_tgz: bool = False, class_tint: float = 0.0,
+                       normals_as_tgz: bool = False, class_tint: float = 0.0, workers: int = 1,
                        progress: Callable[[int, int], None] | None = None) -> OfficialPaths:
     """Render `n` synthetic room images and write them in the official NYUv2 layout under `out_dir`.
 
@@ -507,12 +544,15 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     `camera_distance` > 0 keeps the camera within that many metres of the object it films (0: anywhere);
     `max_object_area` < 1 redraws a view (up to 8 camera draws) whose largest box covers more of the image.
     Also writes `ground_truth.json` (boxes, labels, scene, split per image).
-    `progress(done, n)` is called after each image.
+    `workers` > 1 renders the scenes in that many processes (the files do not depend on it: each scene instance
+    draws from its own random stream). `progress(done, n)` is called after each image.
     """
     if n < 2:
         raise ConfigError(f"--num_images {n}: need at least 2 images (one train and one test scene)")
     if height < 16 or width < 16:
         raise ConfigError(f"--height/--width {height}x{width}: images must be at least 16x16")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: must be at least 1")
     if images_per_scene < 1:
         raise ConfigError(f"--images_per_scene {images_per_scene}: must be at least 1")
     if not 0.0 < train_fraction < 1.0:
@@ -549,12 +589,11 @@ def make_rooms_dataset(out_dir: str | os.PathLike[str], n: int, seed: int, heigh
     image_scene: list[int] = []
     truth: dict[int, dict[str, Any]] = {}
     i = 0
-    for k, (t, count) in enumerate(zip(types, views_per_scene)):
-        # Each scene instance has its own stream, so a room looks the same whatever else is generated.
-        rng = np.random.default_rng([seed, k, 0x200])
-        room = build_room(t, rng, class_tint=class_tint)
-        for view in render_scene_views(room, count, intr, rng, min_object_pixels=min_object_pixels,
-                                       camera_distance=camera_distance, max_object_area=max_object_area):
+    jobs = [_SceneJob(seed, k, t, count, intr, class_tint, min_object_pixels, camera_distance, max_object_area)
+            for k, (t, count) in enumerate(zip(types, views_per_scene))]
+    for k, views in enumerate(_render_scenes(jobs, workers)):
+        t = types[k]
+        for view in views:
             images[i], depths[i], raw_depths[i] = view.image, view.depth, view.raw_depth
             labels[i], instances[i] = view.labels, view.instances
             normals[i], masks[i] = view.normals, view.normal_mask
@@ -598,7 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                min_object_area=cfg.min_object_area, camera_distance=cfg.camera_distance,
                                max_object_area=cfg.max_object_area,
                                normals_as_tgz=cfg.normals_as_tgz,
-                               class_tint=cfg.class_tint, progress=progress)
+                               class_tint=cfg.class_tint, workers=cfg.workers or min(os.cpu_count() or 1, 8),
+                               progress=progress)
     # One `flag value` line per file: the arguments of `python -m rock_dist.shards build`.
     print(f"dataset_path {paths.dataset_path}")
     print(f"splits_path {paths.splits_path}")
