@@ -211,8 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loaded.append(detector.load(path))
             except Exception as err:  # noqa: BLE001 - Pillow raises many types for broken files
                 skipped.append(path.name)
+                # soft_wrap: one line whatever the width, so logs and greps see the whole path.
                 err_console.print(f"[yellow]skipping {path}: cannot read it as an image "
-                              f"({type(err).__name__}: {err})[/]")
+                                  f"({type(err).__name__}: {err})[/]", soft_wrap=True)
         if not loaded:
             continue
         results, outputs = detector.run(loaded)

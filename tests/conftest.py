@@ -15,11 +15,29 @@ import pytest
 
 from rock_dist.synthetic.official_layout import OfficialPaths, load_ground_truth, make_random_dataset
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n N`) each worker gets its share of the cores for torch's threads, in this process and
+    the commands it starts: two workers with two OpenMP threads each on a 2-core machine spun on each other's
+    barriers (the learning test took 498 s instead of 127 s)."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` are skipped where no CUDA device is visible (every CPU machine, CI included): launch/
-    gpu_check.sh runs them on a GPU machine with `-m cuda`."""
+    """The `slow` tests run first (stable order otherwise), so that under `-n 2` the long ones start at once and the
+    short ones fill in around them instead of one long test finishing alone at the end. Tests marked `cuda` are
+    skipped where no CUDA device is visible (every CPU machine, CI included): launch/gpu_check.sh runs them on a GPU
+    machine with `-m cuda`."""
     import torch
 
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (expected on a CPU machine; run by launch/gpu_check.sh)")

@@ -42,10 +42,11 @@ from rock_dist.engine.task_weighting import build_task_weighting
 from rock_dist.engine.trainer import Trainer
 
 from numerics import HANG_GUARD_S
+from small_network import SMALL_NETWORK
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="resnet18", pretrained="none", image_size=(64, 64))
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "64", "64", "--num_workers", "0",
+SMALL = [*SMALL_NETWORK, "--image_size", "64", "64", "--num_workers", "0",
          "--writer_path", "", "--coco_json_save_path", ""]
 FAST = Recipe(name="cpu-fast", fused_adam=True, device_matching=True)
 

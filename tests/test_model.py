@@ -110,6 +110,9 @@ def test_three_stage_trunk_and_light_extra_layers_keep_every_output_shape() -> N
     # Same maps, priors and auxiliary targets as the reference network, with far fewer weights.
     assert torch.equal(light.priors, reference.priors)
     assert n_params(light) < 0.5 * n_params(reference)
+    full_size = {"image_size": (480, 640)}  # the last extra layer's kernel depends on the input size
+    assert n_params(build_model(small_config(backbone_stages=3, extra_layers="light", **full_size))) == 14_063_275
+    assert n_params(build_model(small_config(**full_size))) == 32_464_811  # docs/architecture.md
     light.eval()
     with torch.no_grad():
         out = light(torch.randn(2, 3, *SMALL))

@@ -82,7 +82,7 @@ def test_ci_installs_the_constraints_and_lints_before_the_tests() -> None:
     assert "-c .ci/constraints.txt" in script and '-e ".[test,lint]"' in script
     assert {"ruff", "mypy"} == set(_declared("lint")) - set(_declared())
     steps = [script.index(step) for step in ("ruff check rock_dist tests", "mypy rock_dist",
-                                             "python -m pytest -q --durations=20")]
+                                             "python -m pytest -q -n 2 --durations=20")]
     assert steps == sorted(steps)
 
 

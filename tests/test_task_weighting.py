@@ -143,8 +143,10 @@ from rock_dist.config import TrainConfig, parse_config  # noqa: E402
 from rock_dist.engine import checkpoint as ckpt  # noqa: E402
 from rock_dist.engine.trainer import BN_EVAL_ENV, RECORD_ENV, Trainer  # noqa: E402
 
+from small_network import SMALL_NETWORK  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "64", "64", "--num_workers", "0",
+SMALL = [*SMALL_NETWORK, "--image_size", "64", "64", "--num_workers", "0",
          "--no_verbose", "--writer_path", "", "--coco_json_save_path", "", "--val_path", "", "--model_save_freq", "0",
          "--lr", "1e-4"]
 ADAPTIVE = ["uncertainty", "dwa", "gradnorm"]

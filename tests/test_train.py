@@ -30,8 +30,9 @@ from rock_dist.engine.trainer import Trainer, train
 from rock_dist.errors import ConfigError, DataError
 
 from numerics import HANG_GUARD_S
+from small_network import SMALL_NETWORK
 
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--num_workers", "0",
+SMALL = [*SMALL_NETWORK, "--image_size", "128", "160", "--num_workers", "0",
          "--no_verbose"]
 
 

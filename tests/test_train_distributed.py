@@ -29,11 +29,12 @@ import pytest
 from rock_dist.engine import checkpoint as ckpt
 
 from numerics import HANG_GUARD_S
+from small_network import SMALL_NETWORK
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 TIMEOUT_S = HANG_GUARD_S
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--batch_size", "2",
+SMALL = [*SMALL_NETWORK, "--image_size", "128", "160", "--batch_size", "2",
          "--num_workers", "0", "--writer_path", "", "--coco_json_save_path", ""]
 
 

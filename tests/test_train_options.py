@@ -19,7 +19,9 @@ from rock_dist.engine.ema import ModelEma
 from rock_dist.engine.trainer import BN_EVAL_ENV, Trainer, train
 from rock_dist.errors import ConfigError
 
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--image_size", "128", "160", "--num_workers", "0",
+from small_network import SMALL_NETWORK
+
+SMALL = [*SMALL_NETWORK, "--image_size", "128", "160", "--num_workers", "0",
          "--no_verbose", "--batch_size", "2", "--coco_json_save_path", "", "--model_save_freq", "0"]
 
 
