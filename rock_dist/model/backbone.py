@@ -58,7 +58,6 @@ class ResNetBackbone(nn.Module):
         if stages not in STAGES:
             raise ConfigError(f"--backbone_stages {stages}: choose {' or '.join(map(str, STAGES))}")
         self.name = name
-        self.stages = stages
         self.out_channels = _CHANNELS[name] if stages == 4 else _LAYER3_CHANNELS[name]
         net = _make_dilated_resnet(name)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
