@@ -36,10 +36,14 @@ DETECTIONS = [
 def test_drawn_boxes_are_counted_on_objects_and_with_their_class() -> None:
     check = check_drawn_boxes(DETECTIONS, _truth(), 0.4)
     assert (check.images, check.drawn, check.on_object, check.right_class) == (3, 6, 4, 2)
+    # Placed (IoU >= 0.5 with any object): the three boxes of image 1 that cover an object; the one on the
+    # class-7 object names class 5, so 2 of the 3 name their object's class.
+    assert check.placed == 3 and check.class_accuracy_of_placed() == pytest.approx(2 / 3)
+    assert "of the 3 placed on an object (IoU >= 0.5), 67 % name its class" in check.describe()
     assert "6 boxes drawn at score >= 0.4 on 3 test images; 67 % lie on an object" in check.describe()
     assert "33 % name its class" in check.describe()
     strict = check_drawn_boxes(DETECTIONS, _truth(), 0.75)  # only the two best boxes of image 1 and image 3's
-    assert (strict.drawn, strict.on_object, strict.right_class) == (3, 2, 1)
+    assert (strict.drawn, strict.on_object, strict.right_class, strict.placed) == (3, 2, 1, 2)
     nothing = check_drawn_boxes(DETECTIONS, _truth(), 0.99)
     assert nothing.drawn == 0 and "no box scores 0.99" in nothing.describe()
 

@@ -4,8 +4,10 @@ Called by `rock_dist.quickstart` for its closing summary, on the COCO files its 
 (`detections.json`, `ground_truth.json`; docs/evaluation.md). `rock_dist.detect` draws the detections scoring at
 least the weights' `conf_threshold` after per-class NMS; greedy NMS only lets a higher score suppress a box, so the
 evaluation's detections at or above that score (decoded with the same NMS from a lower threshold) are the boxes the
-pictures show. Each drawn box is counted as on an object (IoU >= 0.3 with a ground-truth box of any class) and as
-right (IoU >= 0.5 with one of its own class): AP says how well the scores rank, this says what a user sees.
+pictures show. Each drawn box is counted as on an object (IoU >= 0.3 with a ground-truth box of any class), as placed
+(IoU >= 0.5 with one of any class) and as right (IoU >= 0.5 with one of its own class): AP says how well the scores
+rank, this says what a user sees. Right boxes are placed ones, so right / placed is how often a well-placed box
+names its object's class, which tells a wrong label apart from a loose box (docs/quickstart_experiments.md).
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ class DrawnBoxCheck:
     drawn: int
     on_object: int
     right_class: int
+    placed: int  # boxes at IoU >= RIGHT_CLASS_IOU with an object of any class (right_class counts a subset)
+
+    def class_accuracy_of_placed(self) -> float:
+        """Fraction of the placed boxes (IoU >= RIGHT_CLASS_IOU with some object) that name its class."""
+        return self.right_class / self.placed if self.placed else 0.0
 
     def describe(self) -> str:
         if self.drawn == 0:
             return f"pictures: no box scores {self.threshold:g} or more on the {self.images} test images"
         return (f"pictures: {self.drawn} boxes drawn at score >= {self.threshold:g} on {self.images} test images; "
                 f"{100 * self.on_object / self.drawn:.0f} % lie on an object (IoU >= {ON_OBJECT_IOU:g}), "
-                f"{100 * self.right_class / self.drawn:.0f} % name its class (IoU >= {RIGHT_CLASS_IOU:g})")
+                f"{100 * self.right_class / self.drawn:.0f} % name its class (IoU >= {RIGHT_CLASS_IOU:g}); of the "
+                f"{self.placed} placed on an object (IoU >= {RIGHT_CLASS_IOU:g}), "
+                f"{100 * self.class_accuracy_of_placed():.0f} % name its class")
 
 
 def _xyxy(coco_boxes: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -58,7 +67,7 @@ def check_drawn_boxes(detections: Sequence[Mapping[str, Any]], ground_truth: Map
     for detection in detections:
         if float(detection["score"]) >= threshold:
             drawn[int(detection["image_id"])].append(detection)
-    on_object = right_class = 0
+    on_object = right_class = placed = 0
     for image_id, boxes in drawn.items():
         objects = truth.get(image_id, [])
         if not objects:
@@ -67,9 +76,11 @@ def check_drawn_boxes(detections: Sequence[Mapping[str, Any]], ground_truth: Map
         same = (torch.tensor([d["category_id"] for d in boxes])[:, None]
                 == torch.tensor([a["category_id"] for a in objects])[None, :])
         on_object += int((iou >= ON_OBJECT_IOU).any(dim=1).sum())
+        placed += int((iou >= RIGHT_CLASS_IOU).any(dim=1).sum())
         right_class += int(((iou >= RIGHT_CLASS_IOU) & same).any(dim=1).sum())
     return DrawnBoxCheck(threshold=threshold, images=len(ground_truth["images"]),
-                         drawn=sum(len(b) for b in drawn.values()), on_object=on_object, right_class=right_class)
+                         drawn=sum(len(b) for b in drawn.values()), on_object=on_object, right_class=right_class,
+                         placed=placed)
 
 
 def check_evaluation_dir(eval_dir: str | Path, threshold: float) -> DrawnBoxCheck:
