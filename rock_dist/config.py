@@ -838,7 +838,8 @@ class QuickstartConfig:
         "Colour jitter of the training run. 'none' by default: the class tint gives each class its own hue, 12-32 "
         "degrees from its neighbours, and the reference's hue jitter (+-18 degrees) would blur exactly that.",
         "none")
-    retune: bool = opt("Measure the step time again instead of using this machine's cached autotune.", False)
+    retune: bool = opt("Time every precision / memory format again instead of using this machine's cached "
+                       "ranking (without it, only the cached fastest is timed again).", False)
     num_processes: int = opt("Training processes (0: one per GPU, or 1 on CPU).", 0)
     no_rock: bool = opt("Train the baseline SSD instead of ROCK.", False)
     compare: bool = opt("Train the baseline SSD and ROCK with the same budget and print a comparison table.", False)

@@ -90,6 +90,15 @@ def test_autotune_picks_the_fastest_candidate_and_caches_per_machine(tmp_path: P
     assert sorted(calls) == sorted(fake)
     again = autotune.autotune_training_step(cfg, LossConfig(), 8, torch.device("cpu"), measure=measure)
     assert again.cached and again.seconds == first.seconds and len(calls) == 3  # read from the cache
+    # The same CPU model on a machine twice as slow today: the cached ranking stands, the winner is timed again.
+    fake["bf16 + channels_last"] = 1.4
+    slower = autotune.autotune_training_step(cfg, LossConfig(), 8, torch.device("cpu"), measure=measure,
+                                             retime_best=True)
+    assert slower.retimed and calls[3:] == ["bf16 + channels_last"] and slower.best_seconds == 1.4
+    assert slower.seconds["fp32"] == 2.0  # the others stay as cached
+    stored = autotune.autotune_training_step(cfg, LossConfig(), 8, torch.device("cpu"), measure=measure)
+    assert stored.cached and stored.best_seconds == 1.4 and len(calls) == 4  # the fresh time replaced the cached
+    calls[3:] = []
     other = autotune.autotune_training_step(cfg, LossConfig(), 4, torch.device("cpu"), measure=measure)
     assert not other.cached and len(calls) == 6  # another batch is another key
     monkeypatch.setattr(autotune, "cpu_bf16_instructions", lambda: "AVX512_BF16")  # e.g. AMD Zen 4: timed too
