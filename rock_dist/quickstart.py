@@ -171,9 +171,11 @@ def _tier_model_config(cfg: QuickstartConfig, image_size: tuple[int, int]) -> An
                        use_all_priors_conf_loss=True, no_rock=cfg.no_rock and not cfg.compare)
 
 
-def _autotune(cfg: QuickstartConfig, image_size: tuple[int, int], batch_size: int, only: Any = None) -> Any:
-    """The fastest precision / memory format for this tier on this machine, and its step time (cached). `only`:
-    time just these candidates (a cheaper tier after the first, whose ranking it inherits)."""
+def _autotune(cfg: QuickstartConfig, image_size: tuple[int, int], batch_size: int, only: Any = None,
+              need_time: bool = True) -> Any:
+    """The fastest precision / memory format for this tier on this machine, and its step time (cached; the
+    cached winner timed again when `need_time`, as the budget's plan needs today's time). `only`: time just these
+    candidates (a cheaper tier after the first, whose ranking it inherits)."""
     import torch
 
     from rock_dist.config import LossConfig
@@ -183,7 +185,7 @@ def _autotune(cfg: QuickstartConfig, image_size: tuple[int, int], batch_size: in
     console.print(f"timing a training step at {image_size[0]}x{image_size[1]}, batch {batch_size}, on {device}...",
                   style="dim")
     result = autotune_training_step(_tier_model_config(cfg, image_size), LossConfig(), batch_size, device,
-                                    refresh=cfg.retune, retime_best=True, only=only, log=console.print)
+                                    refresh=cfg.retune, retime_best=need_time, only=only, log=console.print)
     timings = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in result.seconds.items())
     source = ("cached ranking, fastest timed again now" if result.retimed else
               "cached" if result.cached else "measured")
@@ -205,7 +207,7 @@ def resolve_run(cfg: QuickstartConfig, deadline: float, eval_images: int) -> Res
     if cfg.num_iters > 0:
         size = requested or TIERS[0].image_size
         batch = cfg.batch_size or TIERS[0].batch_size
-        best = _autotune(cfg, size, batch).best
+        best = _autotune(cfg, size, batch, need_time=False).best  # an exact run needs the flags, not the time
         console.print(f"[bold]plan[/]: --num_iters {cfg.num_iters} at {size[0]}x{size[1]}, batch {batch}, "
                       f"{best.label} (exact run; --time_budget not used)")
         return ResolvedRun(size, batch, cfg.num_iters, _speed_flags(best))

@@ -75,9 +75,10 @@ def check_drawn_boxes(detections: Sequence[Mapping[str, Any]], ground_truth: Map
         iou = box_iou(_xyxy([d["bbox"] for d in boxes]), _xyxy([a["bbox"] for a in objects]))
         same = (torch.tensor([d["category_id"] for d in boxes])[:, None]
                 == torch.tensor([a["category_id"] for a in objects])[None, :])
+        close = iou >= RIGHT_CLASS_IOU
         on_object += int((iou >= ON_OBJECT_IOU).any(dim=1).sum())
-        placed += int((iou >= RIGHT_CLASS_IOU).any(dim=1).sum())
-        right_class += int(((iou >= RIGHT_CLASS_IOU) & same).any(dim=1).sum())
+        placed += int(close.any(dim=1).sum())
+        right_class += int((close & same).any(dim=1).sum())
     return DrawnBoxCheck(threshold=threshold, images=len(ground_truth["images"]),
                          drawn=sum(len(b) for b in drawn.values()), on_object=on_object, right_class=right_class,
                          placed=placed)

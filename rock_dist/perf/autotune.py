@@ -136,26 +136,24 @@ def autotune_training_step(model_config: Any, loss_config: Any, batch_size: int,
     cache = _read_cache(path)
     options: Sequence[StepCandidate] = list(only) if only else candidates(device)
     stored = cache.get(key)
-    if not refresh and isinstance(stored, dict) and all(c.label in stored for c in options):
-        seconds = {c.label: float(stored[c.label]) for c in options}
-        cached = True
+    stored = stored if isinstance(stored, dict) else {}
+    cached = not refresh and all(c.label in stored for c in options)
+    seconds = {c.label: float(stored[c.label]) for c in options} if cached else {}
+    # The cached ranking stands (the winner stays the winner); with retime_best only its time is refreshed.
+    cached_best = min(options, key=lambda c: seconds[c.label]) if cached else None
+    if cached_best is None:
+        to_time = list(options)
     else:
-        seconds = {}
-        for candidate in options:
-            seconds[candidate.label] = measure(model_config, loss_config, batch_size, candidate, device,
-                                               steps=steps)
-            if log is not None:
-                log(f"  {candidate.label}: {seconds[candidate.label]:.2f} s per step of {batch_size} images")
-        cache[key] = {**(stored if isinstance(stored, dict) else {}), **seconds}
+        to_time = [cached_best] if retime_best else []
+    for candidate in to_time:
+        seconds[candidate.label] = measure(model_config, loss_config, batch_size, candidate, device, steps=steps)
+        if log is not None:
+            log(f"  {candidate.label}: {seconds[candidate.label]:.2f} s per step of {batch_size} images")
+    if to_time:
+        cache[key] = {**stored, **{c.label: seconds[c.label] for c in to_time}}
         _write_cache(path, cache)
-        cached = False
-    best = min(options, key=lambda c: seconds[c.label])
-    if cached and retime_best:
-        seconds[best.label] = measure(model_config, loss_config, batch_size, best, device, steps=steps)
-        cache[key] = {**(stored or {}), best.label: seconds[best.label]}
-        _write_cache(path, cache)
-        return AutotuneResult(best, seconds, cached=True, retimed=True)
-    return AutotuneResult(best, seconds, cached)
+    best = cached_best or min(options, key=lambda c: seconds[c.label])
+    return AutotuneResult(best, seconds, cached, retimed=cached and bool(to_time))
 
 
 __all__ = ["StepCandidate", "AutotuneResult", "candidates", "measure_step_seconds", "autotune_training_step",
